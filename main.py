@@ -1,0 +1,781 @@
+"""JWT login, per-plan rate limits with SlowAPI, and token revocation on Redis, in one FastAPI file.
+
+Read it top to bottom: settings, users and plans, passwords, tokens, the revocation store, rate
+limits, the app with its cleanup task, then the endpoints. Run it with `uvicorn main:app`: with no
+REDIS_URI set it keeps its state in an embedded, in-process fake Redis; set REDIS_URI (and
+SECRET_KEY) to share state between workers. Modelled on FastAPI's security tutorial and SlowAPI's
+docs.
+"""
+
+import asyncio
+import logging
+import math
+import os
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+import bcrypt
+import fakeredis
+import jwt
+import limits
+import redis.asyncio
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import OAuth2PasswordBearer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from redis.exceptions import RedisError
+from slowapi import Limiter
+from slowapi.errors import RateLimitExceeded
+from slowapi.util import get_remote_address
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+
+# A child of uvicorn's logger, so these lines share its handler, format and level.
+logger = logging.getLogger("uvicorn.app")
+
+
+# --- Settings ---
+
+PLACEHOLDER_SECRETS = {"change-me", "changethis", "secret", "your-secret-key"}
+
+
+class Settings(BaseModel):
+    """Configuration, read once from environment variables (upper-case field names)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_uri: str = ""
+    secret_key: SecretStr | None = None
+    access_token_expire_minutes: PositiveInt = 15
+    refresh_token_expire_minutes: PositiveInt = 7 * 24 * 60
+    cleanup_interval_seconds: PositiveFloat = 60
+    rate_limit_free: str = "2/minute"
+    rate_limit_premium: str = "10/minute"
+    rate_limit_admin: str = "9999/minute"
+    rate_limit_anonymous: str = "20/minute"
+    rate_limit_login: str = "5/minute"
+
+    @field_validator("redis_uri")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        secret = value.get_secret_value()
+        if secret.lower() in PLACEHOLDER_SECRETS or secret.startswith("change-me"):
+            raise ValueError(
+                "is a placeholder; generate one: python -c 'import secrets; print(secrets.token_urlsafe(64))'"
+            )
+        if len(secret.encode()) < 32:
+            raise ValueError("must be at least 32 bytes for HS256")
+        return value
+
+    @field_validator(
+        "rate_limit_free",
+        "rate_limit_premium",
+        "rate_limit_admin",
+        "rate_limit_anonymous",
+        "rate_limit_login",
+    )
+    @classmethod
+    def _one_rate_limit(cls, value: str) -> str:
+        try:
+            limits.parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate limit like '10/minute'") from exc
+        if ";" in value or "," in value:
+            raise ValueError("must be a single limit like '10/minute'")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_store_needs_shared_key(self) -> "Settings":
+        # Workers that share a Redis must sign and verify with the same key.
+        if self.redis_uri and self.secret_key is None:
+            raise ValueError("SECRET_KEY must be set when REDIS_URI is set")
+        return self
+
+    @classmethod
+    def from_environment(cls) -> "Settings":
+        return cls.model_validate(
+            {name: os.environ[name.upper()] for name in cls.model_fields if name.upper() in os.environ}
+        )
+
+
+settings = Settings.from_environment()
+# Without a configured key, tokens only need to survive this process, so a random one is enough.
+SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_urlsafe(64)
+ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60
+REFRESH_TOKEN_LIFETIME = settings.refresh_token_expire_minutes * 60
+MAX_BODY_BYTES = 4096
+
+
+# --- Users and plans ---
+
+
+class Plan(str, Enum):
+    FREE = "free"
+    PREMIUM = "premium"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    full_name: str
+    plan: Plan
+    password_hash: bytes
+
+
+# bcrypt hashes at cost 12, computed once and pasted here, so importing this file hashes nothing.
+USERS: dict[str, User] = {
+    "john_doe": User(
+        "john_doe", "John Doe", Plan.PREMIUM, b"$2b$12$KCpS.jxMDzLAh2t6TCNQ2.cwKOk.SlyZnXpOH80ftge3Sfj0swCt."
+    ),
+    "jane_doe": User(
+        "jane_doe", "Jane Doe", Plan.FREE, b"$2b$12$6i8AbJmkssCJrQQUcp8mT.zu2j9D2vWeg9UhYL57ZPOtWye81ghdy"
+    ),
+    "admin_doe": User(
+        "admin_doe", "Admin Doe", Plan.ADMIN, b"$2b$12$rsrXh5XLXdqi8qFeVsWgFOB1jtw8E0ocIBWF/d/RH8n636a2qUFje"
+    ),
+}
+PLAN_LIMITS: dict[Plan, limits.RateLimitItem] = {
+    Plan.FREE: limits.parse(settings.rate_limit_free),
+    Plan.PREMIUM: limits.parse(settings.rate_limit_premium),
+    Plan.ADMIN: limits.parse(settings.rate_limit_admin),
+}
+
+
+# --- Passwords ---
+
+# Checked for unknown usernames, so that they cost as much time as a wrong password.
+DUMMY_HASH = b"$2b$12$KNfxKL0WSFpGO2q0aKO2XeBPXNqZr2MUPYVGo/UN77UIHZDBVTjTa"
+# bcrypt is CPU-bound and holds a core for ~0.2 s: run it on its own small pool, leaving a core
+# for the event loop. Extra logins queue here instead of starving every other request.
+BCRYPT_POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="bcrypt")
+
+
+async def authenticate_user(username: str, password: str) -> User | None:
+    """The user whose password this is, or None; takes the same time whether or not the user exists."""
+    user = USERS.get(username)
+    password_hash = user.password_hash if user else DUMMY_HASH
+    loop = asyncio.get_running_loop()
+    matches = await loop.run_in_executor(BCRYPT_POOL, bcrypt.checkpw, password.encode(), password_hash)
+    return user if matches and user else None
+
+
+# --- Tokens ---
+
+ALGORITHM = "HS256"
+TokenType = Literal["access", "refresh"]
+
+
+class TokenClaims(BaseModel):
+    """What a token of ours says. `sid` is shared by every token of one login (the session)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sub: str
+    iat: int
+    exp: int
+    jti: str
+    sid: str
+    type: TokenType
+
+
+def create_token(
+    username: str, token_type: TokenType, session_id: str, now: float
+) -> tuple[str, TokenClaims]:
+    lifetime = ACCESS_TOKEN_LIFETIME if token_type == "access" else REFRESH_TOKEN_LIFETIME
+    claims = TokenClaims(
+        sub=username,
+        iat=int(now),
+        exp=int(now) + lifetime,
+        jti=uuid.uuid4().hex,
+        sid=session_id,
+        type=token_type,
+    )
+    return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
+
+
+def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
+    """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else."""
+    payload = jwt.decode(
+        token,
+        SECRET_KEY,
+        algorithms=[ALGORITHM],  # pinned: never let the token choose its own algorithm
+        options={"verify_exp": verify_exp, "require": ["exp", "iat", "sub", "jti"]},
+    )
+    try:
+        return TokenClaims.model_validate(payload)
+    except ValidationError as exc:
+        raise jwt.InvalidTokenError("unexpected claims") from exc
+
+
+def bearer_error(detail: str, *, invalid_token: bool = True) -> HTTPException:
+    """A 401 that tells the client, per RFC 6750, whether the token it sent was the problem."""
+    challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": challenge})
+
+
+def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
+    """Decode a token presented as a credential, or raise the 401 that says what is wrong with it."""
+    try:
+        claims = decode_token(token)
+    except jwt.ExpiredSignatureError:
+        raise bearer_error("Token has expired") from None
+    except jwt.InvalidTokenError:
+        raise bearer_error("Invalid token") from None
+    if claims.type != expected_type:
+        raise bearer_error(f"Expected an {expected_type} token, got a {claims.type} token")
+    return claims
+
+
+# --- Revocation store ---
+
+# One sorted set: member = a token's jti or a session's sid, score = the epoch second after which
+# nothing it blocks can be used any more. Cleanup removes entries by score, so it can never
+# un-revoke a token that is still alive.
+REVOKED_KEY = "revoked"
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 2,
+    "socket_connect_timeout": 2,
+    "health_check_interval": 30,
+}
+
+if settings.redis_uri:
+    store: redis.asyncio.Redis = redis.asyncio.from_url(settings.redis_uri, **REDIS_OPTIONS)
+    limiter_storage_options: dict[str, Any] = REDIS_OPTIONS
+    limiter_storage_uri = settings.redis_uri
+else:
+    # One fake Redis server in this process, shared by the async store client and SlowAPI's sync one.
+    embedded_server = fakeredis.FakeServer()
+    store = fakeredis.FakeAsyncRedis(server=embedded_server)
+    limiter_storage_options = {"connection_pool": fakeredis.FakeRedis(server=embedded_server).connection_pool}
+    limiter_storage_uri = "redis://"
+
+
+def session_revocation_deadline(now: float) -> int:
+    # Refreshing mints tokens that live REFRESH_TOKEN_LIFETIME from then on, so no token of a session
+    # revoked now can outlive this.
+    return int(now) + REFRESH_TOKEN_LIFETIME
+
+
+async def revoke(entries: dict[str, int]) -> None:
+    # GT: revoking again may lengthen an entry, never shorten it.
+    await store.zadd(REVOKED_KEY, entries, gt=True)
+
+
+async def is_revoked(claims: TokenClaims) -> bool:
+    token_until, session_until = await store.zmscore(REVOKED_KEY, [claims.jti, claims.sid])
+    return token_until is not None or session_until is not None
+
+
+async def rotate_refresh_token(claims: TokenClaims) -> bool:
+    """Revoke a refresh token as it is used; False if it was already revoked or its session was."""
+    async with store.pipeline(transaction=True) as pipe:
+        pipe.zadd(REVOKED_KEY, {claims.jti: claims.exp}, nx=True)
+        pipe.zscore(REVOKED_KEY, claims.sid)
+        newly_revoked, session_until = await pipe.execute()
+    return bool(newly_revoked) and session_until is None
+
+
+async def remove_expired_revocations(now: float) -> int:
+    """Drop entries whose tokens have all expired; returns how many were removed."""
+    return await store.zremrangebyscore(REVOKED_KEY, "-inf", f"({int(now)}")
+
+
+# --- Rate limits ---
+
+# headers_enabled=False: SlowAPI would write a fractional X-RateLimit-Reset and a Retry-After that
+# can be a second early, so rate_limit_headers() below writes them instead.
+limiter = Limiter(
+    key_func=get_remote_address,
+    strategy="moving-window",
+    storage_uri=limiter_storage_uri,
+    storage_options=limiter_storage_options,
+    headers_enabled=False,
+)
+
+
+@dataclass(frozen=True)
+class WindowState:
+    limit: int
+    remaining: int
+    reset: float  # epoch seconds when the oldest hit in the window leaves it
+
+
+def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
+    """Read a moving window without consuming from it (a blocking Redis call: run it in a thread)."""
+    stats = limiter.limiter.get_window_stats(limit, *identifiers)
+    return WindowState(limit=limit.amount, remaining=stats.remaining, reset=stats.reset_time)
+
+
+def rate_limit_headers(request: Request) -> dict[str, str]:
+    """The X-RateLimit-* headers for the limit SlowAPI just checked on this request."""
+    limit, identifiers = request.state.view_rate_limit
+    state = window_state(limit, *identifiers)
+    return {
+        "X-RateLimit-Limit": str(state.limit),
+        "X-RateLimit-Remaining": str(state.remaining),
+        "X-RateLimit-Reset": str(math.ceil(state.reset)),
+    }
+
+
+def user_rate_limit_key(request: Request) -> str:
+    return request.state.user.username
+
+
+def counts_only_for(plan: Plan) -> Callable[[Request], bool]:
+    def exempt(request: Request) -> bool:
+        return request.state.user.plan is not plan
+
+    return exempt
+
+
+def limit_by_plan(dependency: Callable[..., Any]) -> Callable[..., Any]:
+    """One SlowAPI limit per plan; each request counts only against its own user's plan.
+
+    (SlowAPI's callable limits are resolved on an object shared by all requests, so from worker
+    threads one user could be checked against another's plan; exempt_when sees the right request.)
+    """
+    for plan, limit in PLAN_LIMITS.items():
+        dependency = limiter.limit(
+            str(limit), key_func=user_rate_limit_key, exempt_when=counts_only_for(plan)
+        )(dependency)
+    return dependency
+
+
+# --- Request models and dependencies ---
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class LoginForm(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=72)
+
+    @field_validator("password")
+    @classmethod
+    def _fits_bcrypt(cls, value: str) -> str:
+        # bcrypt reads at most 72 bytes; refuse longer passwords rather than silently cut them.
+        if len(value.encode()) > 72:
+            raise ValueError("must be at most 72 bytes in UTF-8")
+        return value
+
+
+class RefreshIn(BaseModel):
+    refresh_token: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+
+
+class RevokeIn(BaseModel):
+    token: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+async def login_form(request: Request) -> LoginForm:
+    """Credentials from a JSON body (curl) or an OAuth2 password form (Swagger UI's Authorize)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if content_type == "application/json":
+            data: Any = await request.json()
+        elif content_type == FORM_TYPE:
+            data = dict(await request.form())
+        else:
+            raise HTTPException(
+                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=f"Send application/json or {FORM_TYPE}"
+            )
+    except ValueError:  # also what json raises for a malformed body
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Request body is malformed") from None
+    try:
+        form = LoginForm.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+    request.state.login_username = form.username  # the login limit's key reads it
+    return form
+
+
+def login_rate_limit_key(request: Request) -> str:
+    return f"{get_remote_address(request)}:{request.state.login_username}"
+
+
+# SlowAPI's storage calls block, so every limit lives on a plain `def` dependency, which FastAPI
+# runs in its thread pool; the endpoints stay async and the event loop never waits on the limiter.
+@limiter.limit(settings.rate_limit_anonymous)
+@limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
+def login_rate_limit(
+    request: Request, response: Response, form: Annotated[LoginForm, Depends(login_form)]
+) -> LoginForm:
+    response.headers.update(rate_limit_headers(request))
+    return form
+
+
+LimitedLoginForm = Annotated[LoginForm, Depends(login_rate_limit)]
+
+
+@limiter.limit(settings.rate_limit_anonymous)
+def ip_rate_limit(request: Request, response: Response) -> None:
+    response.headers.update(rate_limit_headers(request))
+
+
+IpRateLimit = Depends(ip_rate_limit)
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="token", auto_error=False)
+
+
+async def access_claims(token: Annotated[str | None, Depends(oauth2_scheme)]) -> TokenClaims:
+    if token is None:
+        raise bearer_error("Not authenticated", invalid_token=False)
+    claims = verify_token(token, "access")
+    if await is_revoked(claims):
+        logger.warning("revoked token used: sub=%s jti=%s", claims.sub, claims.jti)
+        raise bearer_error("Token has been revoked")
+    return claims
+
+
+AccessClaims = Annotated[TokenClaims, Depends(access_claims)]
+
+
+async def current_user(request: Request, claims: AccessClaims) -> User:
+    user = USERS.get(claims.sub)
+    if user is None:
+        raise bearer_error("Unknown user")
+    request.state.user = user  # the plan limit's key and exemptions read it
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+@limit_by_plan
+def plan_rate_limit(request: Request, response: Response, user: CurrentUser) -> User:
+    response.headers.update(rate_limit_headers(request))
+    return user
+
+
+PlanLimitedUser = Annotated[User, Depends(plan_rate_limit)]
+
+
+async def require_premium(user: CurrentUser) -> None:
+    if user.plan is Plan.FREE:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"This endpoint needs the premium or admin plan; yours is {user.plan.value}",
+        )
+
+
+# --- App, lifespan and cleanup task ---
+
+
+class RedactTokens(logging.Filter):
+    """Masks token values in uvicorn's access log (GET /is_token_revoked carries one in its query)."""
+
+    pattern = re.compile(r"(token=)[^&\s]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.pattern.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+
+
+async def cleanup_revocations_forever(interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await remove_expired_revocations(time.time())
+        except RedisError as exc:  # the store may be down for a while; try again next tick
+            logger.warning("revocation cleanup failed, retrying in %ss: %r", interval, exc)
+            continue
+        if removed:
+            logger.info("revocation cleanup removed %d expired entries", removed)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    if not settings.redis_uri:
+        logger.warning("REDIS_URI is not set: using an embedded in-process store (one process only)")
+    if settings.secret_key is None:
+        logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
+    cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds))
+    app.state.cleanup_task = cleanup
+    try:
+        yield
+    finally:
+        cleanup.cancel()
+        await asyncio.gather(cleanup, return_exceptions=True)
+        # Connections belong to this event loop; the next one (a new test client) opens its own.
+        await store.connection_pool.disconnect()
+
+
+app = FastAPI(
+    title="fastapi-users-slowapi",
+    summary="JWT login, per-plan rate limits with SlowAPI, and token revocation on Redis.",
+    lifespan=lifespan,
+)
+app.state.limiter = limiter
+app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
+
+
+def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+@app.exception_handler(RedisError)
+async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+    # Fail closed: without the store, no token can be checked for revocation and no limit counted.
+    logger.error("store unavailable on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly")
+
+
+@app.exception_handler(RateLimitExceeded)
+def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
+    # A plain `def`, so Starlette runs it in a thread: reading the window is a blocking call.
+    try:
+        headers = rate_limit_headers(request)
+    except RedisError:
+        return error_response(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly"
+        )
+    reset = float(headers["X-RateLimit-Reset"])
+    headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
+    logger.warning("rate limit %s exceeded on %s", exc.detail, request.url.path)
+    return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
+
+
+# --- Endpoints: tokens ---
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int = Field(description="Seconds until the access token expires")
+
+
+class RevokedOut(BaseModel):
+    revoked: bool
+
+
+class TokenStatus(BaseModel):
+    revoked: bool
+    expired: bool
+
+
+class MessageOut(BaseModel):
+    message: str
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+async def issue_token_pair(username: str, session_id: str) -> TokenPair:
+    now = time.time()
+    access_token, _ = create_token(username, "access", session_id, now)
+    refresh_token, _ = create_token(username, "refresh", session_id, now)
+    return TokenPair(access_token=access_token, refresh_token=refresh_token, expires_in=ACCESS_TOKEN_LIFETIME)
+
+
+LOGIN_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["username", "password"],
+    "properties": {
+        "username": {"type": "string", "minLength": 1, "maxLength": 64},
+        "password": {"type": "string", "minLength": 1, "maxLength": 72, "format": "password"},
+    },
+}
+
+
+@app.post(
+    "/token",
+    summary="Log in: trade a username and password for an access and a refresh token",
+    responses=errors(400, 401, 413, 415, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": LOGIN_BODY_SCHEMA},
+                FORM_TYPE: {"schema": LOGIN_BODY_SCHEMA},
+            },
+        }
+    },
+)
+async def login(form: LimitedLoginForm) -> TokenPair:
+    """Accepts JSON or an OAuth2 password form. Limited per client IP and per IP + username."""
+    user = await authenticate_user(form.username, form.password)
+    if user is None:
+        logger.warning("failed login for username %r", form.username)
+        raise bearer_error("Incorrect username or password", invalid_token=False)
+    return await issue_token_pair(user.username, session_id=uuid.uuid4().hex)
+
+
+@app.post(
+    "/refresh",
+    summary="Trade a refresh token for a new token pair",
+    responses=errors(401, 429, 503),
+    dependencies=[IpRateLimit],
+)
+async def refresh(body: RefreshIn) -> TokenPair:
+    """The refresh token is used up. Presenting it again revokes its whole session."""
+    claims = verify_token(body.refresh_token, "refresh")
+    if not await rotate_refresh_token(claims):
+        await revoke({claims.sid: session_revocation_deadline(time.time())})
+        logger.warning("refresh token reuse, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
+        raise bearer_error("Refresh token has been revoked")
+    return await issue_token_pair(claims.sub, claims.sid)
+
+
+@app.post("/logout", summary="Log out: revoke every token of this session", responses=errors(401, 503))
+async def logout(claims: AccessClaims) -> MessageOut:
+    """Revokes the access token used here and the refresh token of the same login. Never rate-limited."""
+    await revoke({claims.sid: session_revocation_deadline(time.time())})
+    return MessageOut(message="Logged out")
+
+
+def claims_of_presented_token(token: str) -> TokenClaims:
+    try:
+        return decode_token(token, verify_exp=False)
+    except jwt.InvalidTokenError:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, detail="Not a token issued by this service"
+        ) from None
+
+
+@app.post(
+    "/revoke", summary="Revoke a token you hold", responses=errors(400, 429, 503), dependencies=[IpRateLimit]
+)
+async def revoke_token(body: RevokeIn) -> RevokedOut:
+    """Holding a token is the authority to revoke it (as in RFC 7009). A refresh token takes its
+    whole session with it. Revoking an expired or already revoked token succeeds and changes nothing."""
+    claims = claims_of_presented_token(body.token)
+    now = time.time()
+    if claims.exp > now:
+        if claims.type == "refresh":
+            await revoke({claims.sid: session_revocation_deadline(now)})
+        else:
+            await revoke({claims.jti: claims.exp})
+    return RevokedOut(revoked=True)
+
+
+@app.get(
+    "/is_token_revoked",
+    summary="Check whether a token has been revoked",
+    responses=errors(400, 429, 503),
+    dependencies=[IpRateLimit],
+)
+async def is_token_revoked(
+    token: Annotated[str, Query(min_length=1, max_length=MAX_BODY_BYTES)],
+) -> TokenStatus:
+    """For a token this service signed. An expired token can't be used whether or not it was revoked."""
+    claims = claims_of_presented_token(token)
+    return TokenStatus(revoked=await is_revoked(claims), expired=claims.exp <= time.time())
+
+
+# --- Endpoints: plan-limited ---
+
+
+class UserOut(BaseModel):
+    username: str
+    full_name: str
+    plan: Plan
+
+
+class EndpointLimit(BaseModel):
+    limit: int
+    remaining: int
+    reset: int
+
+
+class RateLimitStatus(BaseModel):
+    plan: Plan
+    endpoints: dict[str, EndpointLimit]
+
+
+PLAN_LIMITED_PATHS = ("/plan-limited-endpoint", "/premium-only-endpoint", "/users/me")
+
+
+@app.get(
+    "/plan-limited-endpoint",
+    summary="An endpoint limited by the caller's plan",
+    responses=errors(401, 429, 503),
+)
+async def plan_limited(user: PlanLimitedUser) -> MessageOut:
+    """Each user gets their plan's number of calls in any rolling window."""
+    return MessageOut(message=f"Hello {user.username}, you are on the {user.plan.value} plan")
+
+
+@app.get(
+    "/premium-only-endpoint",
+    summary="An endpoint for the premium and admin plans",
+    responses=errors(401, 403, 429, 503),
+    dependencies=[Depends(require_premium)],  # route dependencies run first: a 403 costs no quota
+)
+async def premium_only(user: PlanLimitedUser) -> MessageOut:
+    """Free users get a 403 that names their plan."""
+    return MessageOut(message=f"Welcome to the premium area, {user.username}")
+
+
+@app.get("/users/me", summary="The logged-in user", responses=errors(401, 429, 503))
+async def read_me(user: PlanLimitedUser) -> UserOut:
+    return UserOut(username=user.username, full_name=user.full_name, plan=user.plan)
+
+
+@app.get("/rate-limit-status", summary="Your plan and what is left of each limit", responses=errors(401, 503))
+def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
+    """Reads every plan-limited endpoint's window without consuming from it. A plain `def`:
+    the reads are blocking SlowAPI storage calls, so FastAPI runs this in a thread."""
+    limit = PLAN_LIMITS[user.plan]
+    endpoints = {}
+    for path in PLAN_LIMITED_PATHS:
+        state = window_state(limit, user.username, path)
+        endpoints[path] = EndpointLimit(
+            limit=state.limit, remaining=state.remaining, reset=math.ceil(state.reset)
+        )
+    return RateLimitStatus(plan=user.plan, endpoints=endpoints)
+
+
+# --- Endpoints: health ---
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    store: Literal["redis", "embedded"]
+
+
+@app.get("/health", summary="Liveness and store reachability", responses=errors(503))
+async def health() -> HealthOut:
+    """200 when the store answers, 503 when it does not. Never rate-limited."""
+    await store.ping()
+    return HealthOut(status="ok", store="redis" if settings.redis_uri else "embedded")
