@@ -46,7 +46,8 @@ from redis.exceptions import RedisError
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.util import get_remote_address
-from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # A child of uvicorn's logger, so these lines share its handler, format and level.
 logger = logging.getLogger("uvicorn.app")
@@ -250,7 +251,7 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
     except jwt.InvalidTokenError:
         raise bearer_error("Invalid token") from None
     if claims.type != expected_type:
-        raise bearer_error(f"Expected an {expected_type} token, got a {claims.type} token")
+        raise bearer_error(f"Wrong token type: expected {expected_type}, got {claims.type}")
     return claims
 
 
@@ -325,7 +326,13 @@ limiter = Limiter(
 class WindowState:
     limit: int
     remaining: int
-    reset: float  # epoch seconds when the oldest hit in the window leaves it
+    reset: float  # epoch seconds when the oldest hit in the window leaves it (inclusive)
+
+    @property
+    def next_second(self) -> int:
+        # The first whole epoch second at which the window has room again. Not ceil(): a reset
+        # that falls on a whole second would then be announced one instant too early.
+        return math.floor(self.reset) + 1
 
 
 def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
@@ -334,15 +341,19 @@ def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
     return WindowState(limit=limit.amount, remaining=stats.remaining, reset=stats.reset_time)
 
 
-def rate_limit_headers(request: Request) -> dict[str, str]:
-    """The X-RateLimit-* headers for the limit SlowAPI just checked on this request."""
+def rate_limit_headers(request: Request, *, retry_after: bool = False) -> dict[str, str]:
+    """The X-RateLimit-* headers (and Retry-After for a 429) of the limit SlowAPI just checked."""
     limit, identifiers = request.state.view_rate_limit
     state = window_state(limit, *identifiers)
-    return {
+    headers = {
         "X-RateLimit-Limit": str(state.limit),
         "X-RateLimit-Remaining": str(state.remaining),
-        "X-RateLimit-Reset": str(math.ceil(state.reset)),
+        "X-RateLimit-Reset": str(state.next_second),
     }
+    if retry_after:
+        # Whole seconds, counted the same way: a client that waits this long is never early.
+        headers["Retry-After"] = str(max(1, math.floor(state.reset - time.time()) + 1))
+    return headers
 
 
 def user_rate_limit_key(request: Request) -> str:
@@ -510,6 +521,41 @@ class RedactTokens(logging.Filter):
 logging.getLogger("uvicorn.access").addFilter(RedactTokens())
 
 
+def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over max_bytes with a JSON 413, whether or not they declare a length.
+
+    (Starlette's own RequestBodyLimitMiddleware answers in plain text; every error here is JSON.)
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await error_response(status.HTTP_413_CONTENT_TOO_LARGE, "Content Too Large")(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="Content Too Large")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
 async def cleanup_revocations_forever(interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
@@ -545,11 +591,7 @@ app = FastAPI(
     lifespan=lifespan,
 )
 app.state.limiter = limiter
-app.add_middleware(RequestBodyLimitMiddleware, max_body_size=MAX_BODY_BYTES)
-
-
-def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
 @app.exception_handler(RedisError)
@@ -563,13 +605,11 @@ async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
 def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     # A plain `def`, so Starlette runs it in a thread: reading the window is a blocking call.
     try:
-        headers = rate_limit_headers(request)
+        headers = rate_limit_headers(request, retry_after=True)
     except RedisError:
         return error_response(
             status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly"
         )
-    reset = float(headers["X-RateLimit-Reset"])
-    headers["Retry-After"] = str(max(1, math.ceil(reset - time.time())))
     logger.warning("rate limit %s exceeded on %s", exc.detail, request.url.path)
     return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
 
@@ -621,7 +661,7 @@ LOGIN_BODY_SCHEMA: dict[str, Any] = {
 @app.post(
     "/token",
     summary="Log in: trade a username and password for an access and a refresh token",
-    responses=errors(400, 401, 413, 415, 429, 503),
+    responses={**errors(400, 401, 413, 415, 429, 503), 422: {"description": "Validation Error"}},
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -760,9 +800,7 @@ def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
     endpoints = {}
     for path in PLAN_LIMITED_PATHS:
         state = window_state(limit, user.username, path)
-        endpoints[path] = EndpointLimit(
-            limit=state.limit, remaining=state.remaining, reset=math.ceil(state.reset)
-        )
+        endpoints[path] = EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
 
 

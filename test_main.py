@@ -1,0 +1,810 @@
+"""Tests for main.py, in the order of the README's walkthrough: log in, call, hit the limit,
+refresh, log out. They run on the embedded fake Redis, or on a real one when REDIS_URI is set."""
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import bcrypt
+import jwt
+import limits.storage.redis
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+import main
+
+PASSWORDS = {"john_doe": "password123", "jane_doe": "password456", "admin_doe": "password789"}
+EMBEDDED_ONLY = pytest.mark.skipif(bool(main.settings.redis_uri), reason="switches the embedded store off")
+
+
+# --- Fixtures and helpers ---
+
+
+@pytest.fixture(scope="session")
+def cheap_hashes() -> dict[str, bytes]:
+    """Cost-4 hashes of the same passwords: the app keeps cost 12, the suite stays fast."""
+    salt = bcrypt.gensalt(4)
+    return {name: bcrypt.hashpw(password.encode(), salt) for name, password in PASSWORDS.items()}
+
+
+@pytest.fixture(autouse=True)
+def fast_logins(monkeypatch: pytest.MonkeyPatch, cheap_hashes: dict[str, bytes]) -> None:
+    for name, password_hash in cheap_hashes.items():
+        monkeypatch.setitem(main.USERS, name, replace(main.USERS[name], password_hash=password_hash))
+    monkeypatch.setattr(main, "DUMMY_HASH", bcrypt.hashpw(b"dummy", bcrypt.gensalt(4)))
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    with TestClient(main.app) as test_client:
+        test_client.portal.call(main.store.flushdb)  # no test sees another's quota or revocations
+        yield test_client
+
+
+def login(client: TestClient, username: str = "jane_doe", password: str | None = None) -> dict[str, Any]:
+    r = client.post("/token", json={"username": username, "password": password or PASSWORDS[username]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def mint(
+    token_type: main.TokenType = "access", *, username: str = "jane_doe", now: float | None = None
+) -> str:
+    token, _ = main.create_token(username, token_type, "session-1", time.time() if now is None else now)
+    return token
+
+
+def revoked_entries(client: TestClient) -> dict[str, float]:
+    return dict(client.portal.call(lambda: main.store.zrange(main.REVOKED_KEY, 0, -1, withscores=True)))
+
+
+def rate_headers(r: Any) -> dict[str, str]:
+    return {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit") or k == "retry-after"}
+
+
+class FakeClock:
+    """Stands in for the `time` module in main and in the limits storage."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(time.time())
+    monkeypatch.setattr(main, "time", fake)
+    monkeypatch.setattr(limits.storage.redis, "time", fake)
+    return fake
+
+
+# --- Settings ---
+
+
+def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RATE_LIMIT_FREE", "3/minute")
+    monkeypatch.setenv("ACCESS_TOKEN_EXPIRE_MINUTES", "5")
+    settings = main.Settings.from_environment()
+    assert (settings.rate_limit_free, settings.access_token_expire_minutes) == ("3/minute", 5)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"secret_key": "too-short"}, "must be at least 32 bytes"),
+        ({"secret_key": "change-me-to-a-long-random-string-of-64-chars"}, "is a placeholder"),
+        ({"redis_uri": "redis://localhost:6379/0"}, "SECRET_KEY must be set when REDIS_URI is set"),
+        ({"redis_uri": "http://localhost"}, "must start with redis://"),
+        ({"rate_limit_free": "lots"}, "is not a rate limit"),
+        ({"rate_limit_free": "2/minute;5/hour"}, "must be a single limit"),
+        ({"access_token_expire_minutes": "0"}, "greater than 0"),
+    ],
+)
+def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        main.Settings.model_validate(values)
+
+
+# --- Login ---
+
+
+def test_login_with_json_returns_token_pair(client: TestClient) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"access_token", "refresh_token", "token_type", "expires_in"}
+    assert (body["token_type"], body["expires_in"]) == ("bearer", 900)
+    access, refresh = main.decode_token(body["access_token"]), main.decode_token(body["refresh_token"])
+    assert (access.type, refresh.type, access.sub) == ("access", "refresh", "jane_doe")
+    assert access.sid == refresh.sid and access.jti != refresh.jti
+    assert access.exp - access.iat == 15 * 60 and refresh.exp - refresh.iat == 7 * 24 * 3600
+
+
+def test_login_with_oauth2_form_returns_token_pair(client: TestClient) -> None:
+    r = client.post(
+        "/token", data={"username": "john_doe", "password": "password123", "grant_type": "password"}
+    )
+    assert r.status_code == 200, r.text
+    assert main.decode_token(r.json()["access_token"]).sub == "john_doe"
+
+
+def test_login_wrong_password(client: TestClient) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "wrong"})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Incorrect username or password"}
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_login_unknown_user_answers_like_wrong_password(client: TestClient) -> None:
+    wrong = client.post("/token", json={"username": "jane_doe", "password": "wrong"})
+    unknown = client.post("/token", json={"username": "nobody", "password": "wrong"})
+    assert (unknown.status_code, unknown.json()) == (wrong.status_code, wrong.json())
+    assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"]
+
+
+def test_login_unknown_user_still_checks_a_hash(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[tuple[bytes, str]] = []
+    real_checkpw = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        checked.append((hashed, threading.current_thread().name))
+        return real_checkpw(password, hashed)
+
+    monkeypatch.setattr(main.bcrypt, "checkpw", spy)
+    r = client.post("/token", json={"username": "nobody", "password": "whatever"})
+    assert r.status_code == 401, r.text
+    assert [hashed for hashed, _ in checked] == [main.DUMMY_HASH]
+
+
+def test_login_runs_bcrypt_on_its_bounded_pool(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    real_checkpw = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        threads.append(threading.current_thread().name)
+        return real_checkpw(password, hashed)
+
+    monkeypatch.setattr(main.bcrypt, "checkpw", spy)
+    login(client)
+    assert len(threads) == 1 and threads[0].startswith("bcrypt")
+    assert main.BCRYPT_POOL._max_workers == max(1, (os.cpu_count() or 1) - 1)
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        ({"username": "jane_doe"}, ["password"]),
+        ({"password": "password456"}, ["username"]),
+        ({"username": "", "password": "password456"}, ["username"]),
+        ({"username": "jane_doe", "password": ""}, ["password"]),
+        ({"username": 7, "password": "password456"}, ["username"]),
+        ({"username": "x" * 65, "password": "password456"}, ["username"]),
+        ({"username": "jane_doe", "password": "é" * 37}, ["password"]),  # 37 chars, 74 bytes
+        (["jane_doe", "password456"], []),
+    ],
+)
+def test_login_rejects_malformed_credentials(client: TestClient, body: Any, location: list[str]) -> None:
+    r = client.post("/token", json=body)
+    assert r.status_code == 422, r.text
+    assert [error["loc"] for error in r.json()["detail"]] == [location]
+
+
+def test_login_rejects_password_over_72_bytes_with_reason(client: TestClient) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "é" * 37})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["msg"] == "Value error, must be at most 72 bytes in UTF-8"
+
+
+def test_login_rejects_malformed_json(client: TestClient) -> None:
+    r = client.post("/token", content=b'{"username": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json() == {"detail": "Request body is malformed"}
+
+
+def test_login_rejects_other_content_types(client: TestClient) -> None:
+    r = client.post("/token", content=b"jane_doe:password456", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415, r.text
+    assert r.json() == {"detail": "Send application/json or application/x-www-form-urlencoded"}
+
+
+def test_login_rejects_huge_body(client: TestClient) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "x" * 10_000})
+    assert r.status_code == 413, r.text
+    assert r.json() == {"detail": "Content Too Large"}
+
+
+def test_login_rejects_huge_body_without_content_length(client: TestClient) -> None:
+    chunks = iter([b'{"username": "jane_doe", "password": "', b"x" * 10_000, b'"}'])
+    r = client.post("/token", content=chunks, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json() == {"detail": "Content Too Large"}
+
+
+def test_login_is_limited_per_ip_and_username(client: TestClient) -> None:
+    for _ in range(5):
+        r = client.post("/token", json={"username": "jane_doe", "password": "wrong"})
+        assert r.status_code == 401, r.text
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 429, r.text
+    assert r.json() == {"detail": "Rate limit exceeded: 5 per 1 minute"}
+    assert rate_headers(r)["x-ratelimit-limit"] == "5"
+    login(client, "john_doe")  # another username from the same IP still gets through
+
+
+def test_failed_login_is_logged_without_password(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.post("/token", json={"username": "jane_doe", "password": "hunter2-secret"})
+    assert "failed login for username 'jane_doe'" in caplog.text
+    assert "hunter2-secret" not in caplog.text
+
+
+# --- Calling with the access token ---
+
+
+def test_users_me_returns_the_caller(client: TestClient) -> None:
+    tokens = login(client, "john_doe")
+    r = client.get("/users/me", headers=bearer(tokens["access_token"]))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"username": "john_doe", "full_name": "John Doe", "plan": "premium"}
+
+
+def test_missing_token_is_401_without_error_code(client: TestClient) -> None:
+    r = client.get("/users/me")
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Not authenticated"}
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    ("token", "detail"),
+    [
+        ("not-a-jwt", "Invalid token"),
+        (jwt.encode({"sub": "jane_doe"}, "x" * 32, algorithm="HS256"), "Invalid token"),
+        (jwt.encode({"sub": "jane_doe", "exp": 2**40}, None, algorithm="none"), "Invalid token"),
+        (mint(now=time.time() - 3600), "Token has expired"),
+        (mint("refresh"), "Wrong token type: expected access, got refresh"),
+        (mint(username="ghost"), "Unknown user"),
+    ],
+    ids=["garbage", "other-key", "alg-none", "expired", "refresh-token", "unknown-user"],
+)
+def test_bad_access_token_is_401_invalid_token(client: TestClient, token: str, detail: str) -> None:
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": detail}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+def test_token_missing_a_claim_is_invalid(client: TestClient) -> None:
+    claims = main.decode_token(mint()).model_dump()
+    del claims["sid"]
+    r = client.get("/users/me", headers=bearer(jwt.encode(claims, main.SECRET_KEY, algorithm="HS256")))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Invalid token"}
+
+
+def test_plan_change_applies_to_existing_tokens(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = login(client, "jane_doe")["access_token"]
+    monkeypatch.setitem(main.USERS, "jane_doe", replace(main.USERS["jane_doe"], plan=main.Plan.PREMIUM))
+    r = client.get("/premium-only-endpoint", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit"] == "10"
+
+
+# --- Rate limits ---
+
+
+def test_plan_limited_endpoint_sends_rate_limit_headers(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    r = client.get("/plan-limited-endpoint", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": "Hello jane_doe, you are on the free plan"}
+    assert rate_headers(r) == {
+        "x-ratelimit-limit": "2",
+        "x-ratelimit-remaining": "1",
+        "x-ratelimit-reset": str(int(clock.now) + 61),
+    }
+
+
+def test_free_plan_gets_429_on_third_call_with_retry_after(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    first_hit = clock.now
+    for _ in range(2):
+        assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    clock.now += 10.25
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 429, r.text
+    assert r.json() == {"detail": "Rate limit exceeded: 2 per 1 minute"}
+    reset = first_hit + 60
+    assert rate_headers(r) == {
+        "x-ratelimit-limit": "2",
+        "x-ratelimit-remaining": "0",
+        "x-ratelimit-reset": str(int(reset) + 1),
+        "retry-after": "50",  # 49.75 s to wait, rounded up
+    }
+
+
+def test_call_succeeds_once_retry_after_has_passed(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    for _ in range(2):
+        client.get("/users/me", headers=bearer(token))
+    r = client.get("/users/me", headers=bearer(token))
+    clock.now += int(r.headers["retry-after"])
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 200, r.text
+
+
+def test_limit_holds_in_any_rolling_window(client: TestClient, clock: FakeClock) -> None:
+    """Two calls at 0 s and 59 s: a fixed window would allow two more at 61 s; a moving one allows one."""
+    token = login(client)["access_token"]
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    clock.now += 59
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    clock.now += 2
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 429, r.text
+
+
+@pytest.mark.parametrize(
+    ("username", "limit"), [("jane_doe", "2"), ("john_doe", "10"), ("admin_doe", "9999")]
+)
+def test_limit_follows_the_users_plan(client: TestClient, username: str, limit: str) -> None:
+    r = client.get("/plan-limited-endpoint", headers=bearer(login(client, username)["access_token"]))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-limit"] == limit
+
+
+def test_premium_plan_allows_ten_calls(client: TestClient) -> None:
+    token = login(client, "john_doe")["access_token"]
+    statuses = [client.get("/plan-limited-endpoint", headers=bearer(token)).status_code for _ in range(11)]
+    assert statuses == [200] * 10 + [429]
+
+
+def test_limits_are_per_user_not_per_ip(client: TestClient) -> None:
+    jane = login(client, "jane_doe")["access_token"]
+    jane_again = login(client, "jane_doe")["access_token"]
+    other = mint(username="admin_doe")
+    for _ in range(2):
+        client.get("/users/me", headers=bearer(jane))
+    assert client.get("/users/me", headers=bearer(jane_again)).status_code == 429  # same user, new login
+    assert client.get("/users/me", headers=bearer(other)).status_code == 200  # same IP, other user
+
+
+def test_limits_are_per_endpoint(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    for _ in range(2):
+        client.get("/users/me", headers=bearer(token))
+    r = client.get("/plan-limited-endpoint", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-remaining"] == "1"
+
+
+def test_429_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    token = login(client)["access_token"]
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        for _ in range(3):
+            client.get("/users/me", headers=bearer(token))
+    assert "rate limit 2 per 1 minute exceeded on /users/me" in caplog.text
+
+
+def test_premium_only_refuses_free_plan_by_name(client: TestClient) -> None:
+    r = client.get("/premium-only-endpoint", headers=bearer(login(client)["access_token"]))
+    assert r.status_code == 403, r.text
+    assert r.json() == {"detail": "This endpoint needs the premium or admin plan; yours is free"}
+
+
+def test_premium_only_403_costs_no_quota(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    statuses = [client.get("/premium-only-endpoint", headers=bearer(token)).status_code for _ in range(3)]
+    assert statuses == [403, 403, 403]
+
+
+@pytest.mark.parametrize("username", ["john_doe", "admin_doe"])
+def test_premium_only_admits_premium_and_admin(client: TestClient, username: str) -> None:
+    r = client.get("/premium-only-endpoint", headers=bearer(login(client, username)["access_token"]))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": f"Welcome to the premium area, {username}"}
+
+
+def test_rate_limit_status_reports_each_endpoint(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    client.get("/users/me", headers=bearer(token))
+    r = client.get("/rate-limit-status", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    reset = str(int(clock.now) + 61)
+    untouched = {"limit": 2, "remaining": 2, "reset": int(reset)}
+    assert r.json() == {
+        "plan": "free",
+        "endpoints": {
+            "/plan-limited-endpoint": untouched,
+            "/premium-only-endpoint": untouched,
+            "/users/me": {"limit": 2, "remaining": 1, "reset": int(reset)},
+        },
+    }
+
+
+def test_rate_limit_status_consumes_no_quota(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    for _ in range(5):
+        assert client.get("/rate-limit-status", headers=bearer(token)).status_code == 200
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.headers["x-ratelimit-remaining"] == "1"
+
+
+def test_anonymous_endpoints_are_limited_per_ip(client: TestClient) -> None:
+    token = mint()
+    for _ in range(20):
+        assert client.get("/is_token_revoked", params={"token": token}).status_code == 200
+    r = client.get("/is_token_revoked", params={"token": token})
+    assert r.status_code == 429, r.text
+    assert r.json() == {"detail": "Rate limit exceeded: 20 per 1 minute"}
+    assert r.headers["x-ratelimit-limit"] == "20"
+
+
+def test_health_and_logout_are_never_rate_limited(client: TestClient) -> None:
+    for _ in range(25):
+        r = client.get("/health")
+        assert r.status_code == 200, r.text
+    assert rate_headers(r) == {}
+    r = client.post("/logout", headers=bearer(login(client)["access_token"]))
+    assert r.status_code == 200, r.text
+    assert rate_headers(r) == {}
+
+
+def test_logout_works_after_plan_limit_is_used_up(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    for _ in range(3):
+        client.get("/users/me", headers=bearer(token))
+    r = client.post("/logout", headers=bearer(token))
+    assert r.status_code == 200, r.text
+
+
+# --- Refresh ---
+
+
+def test_refresh_returns_new_pair_in_same_session(client: TestClient) -> None:
+    tokens = login(client)
+    r = client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 200, r.text
+    new = r.json()
+    assert new["access_token"] != tokens["access_token"] and new["refresh_token"] != tokens["refresh_token"]
+    assert main.decode_token(new["access_token"]).sid == main.decode_token(tokens["access_token"]).sid
+    assert client.get("/users/me", headers=bearer(new["access_token"])).status_code == 200
+
+
+def test_refresh_revokes_the_presented_refresh_token(client: TestClient) -> None:
+    refresh_token = login(client)["refresh_token"]
+    client.post("/refresh", json={"refresh_token": refresh_token})
+    r = client.get("/is_token_revoked", params={"token": refresh_token})
+    assert r.json() == {"revoked": True, "expired": False}
+
+
+def test_refresh_token_reuse_revokes_the_session(client: TestClient) -> None:
+    stolen = login(client)["refresh_token"]
+    rotated = client.post("/refresh", json={"refresh_token": stolen}).json()
+    r = client.post("/refresh", json={"refresh_token": stolen})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Refresh token has been revoked"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert client.get("/users/me", headers=bearer(rotated["access_token"])).status_code == 401
+    assert client.post("/refresh", json={"refresh_token": rotated["refresh_token"]}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("token", "detail"),
+    [
+        (mint("access"), "Wrong token type: expected refresh, got access"),
+        (mint("refresh", now=time.time() - 8 * 24 * 3600), "Token has expired"),
+        ("garbage", "Invalid token"),
+    ],
+    ids=["access-token", "expired", "garbage"],
+)
+def test_refresh_refuses_other_tokens(client: TestClient, token: str, detail: str) -> None:
+    r = client.post("/refresh", json={"refresh_token": token})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": detail}
+    assert revoked_entries(client) == {}
+
+
+def test_refresh_refuses_missing_field(client: TestClient) -> None:
+    r = client.post("/refresh", json={"token": "x"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "refresh_token"]
+
+
+# --- Logout and revocation ---
+
+
+def test_logout_revokes_access_and_refresh_token(client: TestClient) -> None:
+    tokens = login(client)
+    r = client.post("/logout", headers=bearer(tokens["access_token"]))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": "Logged out"}
+    r = client.get("/users/me", headers=bearer(tokens["access_token"]))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Token has been revoked"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert client.post("/refresh", json={"refresh_token": tokens["refresh_token"]}).status_code == 401
+
+
+def test_logout_leaves_other_sessions_alone(client: TestClient) -> None:
+    first, second = login(client), login(client)
+    client.post("/logout", headers=bearer(first["access_token"]))
+    assert client.get("/users/me", headers=bearer(second["access_token"])).status_code == 200
+
+
+def test_revoke_access_token(client: TestClient) -> None:
+    tokens = login(client)
+    r = client.post("/revoke", json={"token": tokens["access_token"]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"revoked": True}
+    assert client.get("/users/me", headers=bearer(tokens["access_token"])).status_code == 401
+    assert client.post("/refresh", json={"refresh_token": tokens["refresh_token"]}).status_code == 200
+
+
+def test_revoke_refresh_token_revokes_its_session(client: TestClient) -> None:
+    tokens = login(client)
+    assert client.post("/revoke", json={"token": tokens["refresh_token"]}).status_code == 200
+    assert client.get("/users/me", headers=bearer(tokens["access_token"])).status_code == 401
+    assert client.post("/refresh", json={"refresh_token": tokens["refresh_token"]}).status_code == 401
+
+
+def test_revoke_is_idempotent(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    first = client.post("/revoke", json={"token": token})
+    entries = revoked_entries(client)
+    second = client.post("/revoke", json={"token": token})
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.json() == {"revoked": True}
+    assert revoked_entries(client) == entries
+
+
+def test_revoke_expired_token_succeeds_and_stores_nothing(client: TestClient) -> None:
+    r = client.post("/revoke", json={"token": mint(now=time.time() - 3600)})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"revoked": True}
+    assert revoked_entries(client) == {}
+
+
+@pytest.mark.parametrize(
+    "token", ["garbage", jwt.encode({"sub": "x", "exp": 2**40}, "k" * 32, algorithm="HS256")]
+)
+def test_revoke_refuses_foreign_tokens_and_stores_nothing(client: TestClient, token: str) -> None:
+    r = client.post("/revoke", json={"token": token})
+    assert r.status_code == 400, r.text
+    assert r.json() == {"detail": "Not a token issued by this service"}
+    assert revoked_entries(client) == {}
+
+
+def test_is_token_revoked_for_a_live_token(client: TestClient) -> None:
+    r = client.get("/is_token_revoked", params={"token": login(client)["access_token"]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"revoked": False, "expired": False}
+
+
+def test_is_token_revoked_after_logout(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    client.post("/logout", headers=bearer(token))
+    r = client.get("/is_token_revoked", params={"token": token})
+    assert r.json() == {"revoked": True, "expired": False}
+
+
+def test_is_token_revoked_reports_expiry(client: TestClient) -> None:
+    r = client.get("/is_token_revoked", params={"token": mint(now=time.time() - 3600)})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"revoked": False, "expired": True}
+
+
+@pytest.mark.parametrize("params", [{"token": "garbage"}, {}, {"token": ""}])
+def test_is_token_revoked_refuses_non_tokens(client: TestClient, params: dict[str, str]) -> None:
+    r = client.get("/is_token_revoked", params=params)
+    assert r.status_code in (400, 422), r.text
+    if r.status_code == 400:
+        assert r.json() == {"detail": "Not a token issued by this service"}
+
+
+def test_revoked_token_use_is_logged_without_token(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = login(client)["access_token"]
+    client.post("/logout", headers=bearer(token))
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.get("/users/me", headers=bearer(token))
+    assert f"revoked token used: sub=jane_doe jti={main.decode_token(token).jti}" in caplog.text
+    assert token not in caplog.text
+
+
+def test_access_log_masks_tokens_in_query_strings() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("1.2.3.4", "GET", "/is_token_revoked?token=eyJ.abc&x=1", "1.1", 200),
+        None,
+    )
+    main.RedactTokens().filter(record)
+    assert record.getMessage() == '1.2.3.4 - "GET /is_token_revoked?token=[redacted]&x=1 HTTP/1.1" 200'
+
+
+# --- The revocation store and its cleanup ---
+
+
+def test_access_token_revocation_lives_until_the_token_expires(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    client.post("/revoke", json={"token": token})
+    claims = main.decode_token(token)
+    assert revoked_entries(client) == {claims.jti.encode(): claims.exp}
+
+
+def test_session_revocation_outlives_any_refresh_token(client: TestClient) -> None:
+    tokens = login(client)
+    before = time.time()
+    client.post("/logout", headers=bearer(tokens["access_token"]))
+    claims = main.decode_token(tokens["refresh_token"])
+    (until,) = revoked_entries(client).values()
+    assert until >= claims.exp and until >= int(before) + main.REFRESH_TOKEN_LIFETIME
+
+
+def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
+    now = time.time()
+    client.portal.call(
+        lambda: main.revoke({"dead": int(now) - 1, "at-edge": int(now), "alive": int(now) + 60})
+    )
+    removed = client.portal.call(main.remove_expired_revocations, now)
+    assert removed == 1
+    assert set(revoked_entries(client)) == {b"at-edge", b"alive"}
+
+
+def test_cleanup_never_unrevokes_a_live_token(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    client.post("/logout", headers=bearer(token))
+    client.portal.call(main.remove_expired_revocations, time.time() + main.ACCESS_TOKEN_LIFETIME)
+    assert client.get("/users/me", headers=bearer(token)).status_code == 401
+
+
+def test_garbage_never_grows_the_store(client: TestClient) -> None:
+    for token in ["x", "a.b.c", mint(now=time.time() - 3600)]:
+        client.post("/revoke", json={"token": token})
+        client.get("/is_token_revoked", params={"token": token})
+        client.post("/refresh", json={"refresh_token": token})
+        client.get("/users/me", headers=bearer(token))
+    assert revoked_entries(client) == {}
+
+
+def test_lifespan_runs_the_cleanup_task_and_cancels_it() -> None:
+    with TestClient(main.app):
+        task = main.app.state.cleanup_task
+        assert not task.done()
+    assert task.cancelled()
+
+
+def test_cleanup_task_survives_store_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    outcomes: list[Any] = [RedisConnectionError("down"), 3, asyncio.CancelledError()]
+    calls: list[float] = []
+
+    async def flaky(now: float) -> int:
+        calls.append(now)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(main, "remove_expired_revocations", flaky)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main.cleanup_revocations_forever(0))
+    assert len(calls) == 3
+
+
+# --- Health and outages ---
+
+
+def test_health(client: TestClient) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "ok", "store": "redis" if main.settings.redis_uri else "embedded"}
+
+
+@pytest.fixture
+def store_down(client: TestClient) -> Iterator[None]:
+    server = main.embedded_server
+    server.connected = False
+    yield
+    server.connected = True
+
+
+STORE_DOWN = {"detail": "Token store unavailable; try again shortly"}
+
+
+@EMBEDDED_ONLY
+def test_health_is_503_when_store_is_down(client: TestClient, store_down: None) -> None:
+    r = client.get("/health")
+    assert r.status_code == 503, r.text
+    assert r.json() == STORE_DOWN
+
+
+@EMBEDDED_ONLY
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/users/me"),
+        ("GET", "/plan-limited-endpoint"),
+        ("GET", "/rate-limit-status"),
+        ("POST", "/logout"),
+    ],
+)
+def test_authenticated_endpoints_fail_closed_when_store_is_down(
+    client: TestClient, method: str, path: str
+) -> None:
+    token = login(client)["access_token"]
+    main.embedded_server.connected = False
+    try:
+        r = client.request(method, path, headers=bearer(token))
+    finally:
+        main.embedded_server.connected = True
+    assert r.status_code == 503, r.text
+    assert r.json() == STORE_DOWN
+
+
+@EMBEDDED_ONLY
+def test_login_is_503_when_store_is_down(client: TestClient, store_down: None) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 503, r.text
+    assert r.json() == STORE_DOWN
+
+
+@EMBEDDED_ONLY
+def test_app_recovers_when_store_is_back(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    main.embedded_server.connected = False
+    assert client.get("/users/me", headers=bearer(token)).status_code == 503
+    main.embedded_server.connected = True
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 200, r.text
+
+
+# --- OpenAPI ---
+
+
+def test_openapi_documents_json_and_form_login(client: TestClient) -> None:
+    body = client.get("/openapi.json").json()["paths"]["/token"]["post"]["requestBody"]
+    assert set(body["content"]) == {"application/json", "application/x-www-form-urlencoded"}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "codes"),
+    [
+        ("/token", "post", {"200", "400", "401", "413", "415", "422", "429", "503"}),
+        ("/refresh", "post", {"200", "401", "422", "429", "503"}),
+        ("/logout", "post", {"200", "401", "503"}),
+        ("/revoke", "post", {"200", "400", "422", "429", "503"}),
+        ("/is_token_revoked", "get", {"200", "400", "422", "429", "503"}),
+        ("/plan-limited-endpoint", "get", {"200", "401", "429", "503"}),
+        ("/premium-only-endpoint", "get", {"200", "401", "403", "429", "503"}),
+        ("/users/me", "get", {"200", "401", "429", "503"}),
+        ("/rate-limit-status", "get", {"200", "401", "503"}),
+        ("/health", "get", {"200", "503"}),
+    ],
+)
+def test_openapi_documents_every_response(
+    client: TestClient, path: str, method: str, codes: set[str]
+) -> None:
+    operation = client.get("/openapi.json").json()["paths"][path][method]
+    assert operation["summary"]
+    assert set(operation["responses"]) == codes
