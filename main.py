@@ -26,6 +26,8 @@ import bcrypt
 import fakeredis
 import jwt
 import limits
+import limits.aio.storage
+import limits.aio.strategies
 import redis.asyncio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -311,8 +313,12 @@ async def remove_expired_revocations(now: float) -> int:
 
 # --- Rate limits ---
 
-# headers_enabled=False: SlowAPI would write a fractional X-RateLimit-Reset and a Retry-After that
-# can be a second early, so rate_limit_headers() below writes them instead.
+# SlowAPI counts each call with a blocking Redis round trip, so every limit below sits on a plain
+# `def` dependency, which FastAPI runs in its thread pool. That count is the only blocking call in
+# the app: the X-RateLimit-* headers are read on the event loop, from the same Redis keys, through
+# the async API of `limits` (the library under SlowAPI), sharing the store's connections.
+# headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
+# Retry-After that can be a second early.
 limiter = Limiter(
     key_func=get_remote_address,
     strategy="moving-window",
@@ -320,6 +326,14 @@ limiter = Limiter(
     storage_options=limiter_storage_options,
     headers_enabled=False,
 )
+window_reader = limits.aio.strategies.MovingWindowRateLimiter(
+    limits.aio.storage.RedisStorage(
+        "async+redis://", implementation="redispy", connection_pool=store.connection_pool
+    )
+)
+
+
+TIMESTAMP_TOLERANCE = 0.001  # seconds
 
 
 @dataclass(frozen=True)
@@ -330,29 +344,34 @@ class WindowState:
 
     @property
     def next_second(self) -> int:
-        # The first whole epoch second at which the window has room again. Not ceil(): a reset
-        # that falls on a whole second would then be announced one instant too early.
-        return math.floor(self.reset) + 1
+        return self.whole_seconds_after(0.0)
+
+    def whole_seconds_after(self, now: float) -> int:
+        """Whole seconds from `now` until the window has room again, never early.
+
+        The window still holds a hit at exactly `reset`, hence floor() + 1 rather than ceil().
+        Timestamps make a round trip through Redis as text, so allow for a last-digit difference.
+        """
+        return math.floor(self.reset - now + TIMESTAMP_TOLERANCE) + 1
 
 
-def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
-    """Read a moving window without consuming from it (a blocking Redis call: run it in a thread)."""
-    stats = limiter.limiter.get_window_stats(limit, *identifiers)
+async def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
+    """Read a moving window without consuming from it."""
+    stats = await window_reader.get_window_stats(limit, *identifiers)
     return WindowState(limit=limit.amount, remaining=stats.remaining, reset=stats.reset_time)
 
 
-def rate_limit_headers(request: Request, *, retry_after: bool = False) -> dict[str, str]:
+async def rate_limit_headers(request: Request, *, retry_after: bool = False) -> dict[str, str]:
     """The X-RateLimit-* headers (and Retry-After for a 429) of the limit SlowAPI just checked."""
     limit, identifiers = request.state.view_rate_limit
-    state = window_state(limit, *identifiers)
+    state = await window_state(limit, *identifiers)
     headers = {
         "X-RateLimit-Limit": str(state.limit),
         "X-RateLimit-Remaining": str(state.remaining),
         "X-RateLimit-Reset": str(state.next_second),
     }
     if retry_after:
-        # Whole seconds, counted the same way: a client that waits this long is never early.
-        headers["Retry-After"] = str(max(1, math.floor(state.reset - time.time()) + 1))
+        headers["Retry-After"] = str(max(1, state.whole_seconds_after(time.time())))
     return headers
 
 
@@ -437,23 +456,33 @@ def login_rate_limit_key(request: Request) -> str:
     return f"{get_remote_address(request)}:{request.state.login_username}"
 
 
-# SlowAPI's storage calls block, so every limit lives on a plain `def` dependency, which FastAPI
-# runs in its thread pool; the endpoints stay async and the event loop never waits on the limiter.
+# Each limit is a pair: a plain `def` in which SlowAPI counts the call (in a worker thread), and
+# an async dependency on top of it that adds the headers.
 @limiter.limit(settings.rate_limit_anonymous)
 @limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
-def login_rate_limit(
-    request: Request, response: Response, form: Annotated[LoginForm, Depends(login_form)]
-) -> LoginForm:
-    response.headers.update(rate_limit_headers(request))
+def count_login(request: Request, form: Annotated[LoginForm, Depends(login_form)]) -> LoginForm:
     return form
 
 
-LimitedLoginForm = Annotated[LoginForm, Depends(login_rate_limit)]
+async def rate_limited_login_form(
+    request: Request, response: Response, form: Annotated[LoginForm, Depends(count_login)]
+) -> LoginForm:
+    response.headers.update(await rate_limit_headers(request))
+    return form
+
+
+LimitedLoginForm = Annotated[LoginForm, Depends(rate_limited_login_form)]
 
 
 @limiter.limit(settings.rate_limit_anonymous)
-def ip_rate_limit(request: Request, response: Response) -> None:
-    response.headers.update(rate_limit_headers(request))
+def count_anonymous_call(request: Request) -> None:
+    return None
+
+
+async def ip_rate_limit(
+    request: Request, response: Response, _: Annotated[None, Depends(count_anonymous_call)]
+) -> None:
+    response.headers.update(await rate_limit_headers(request))
 
 
 IpRateLimit = Depends(ip_rate_limit)
@@ -486,12 +515,18 @@ CurrentUser = Annotated[User, Depends(current_user)]
 
 
 @limit_by_plan
-def plan_rate_limit(request: Request, response: Response, user: CurrentUser) -> User:
-    response.headers.update(rate_limit_headers(request))
+def count_plan_call(request: Request, user: CurrentUser) -> User:
     return user
 
 
-PlanLimitedUser = Annotated[User, Depends(plan_rate_limit)]
+async def plan_limited_user(
+    request: Request, response: Response, user: Annotated[User, Depends(count_plan_call)]
+) -> User:
+    response.headers.update(await rate_limit_headers(request))
+    return user
+
+
+PlanLimitedUser = Annotated[User, Depends(plan_limited_user)]
 
 
 async def require_premium(user: CurrentUser) -> None:
@@ -602,14 +637,11 @@ async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
 
 
 @app.exception_handler(RateLimitExceeded)
-def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
-    # A plain `def`, so Starlette runs it in a thread: reading the window is a blocking call.
+async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     try:
-        headers = rate_limit_headers(request, retry_after=True)
-    except RedisError:
-        return error_response(
-            status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly"
-        )
+        headers = await rate_limit_headers(request, retry_after=True)
+    except RedisError as store_error:
+        return await store_unavailable(request, store_error)
     logger.warning("rate limit %s exceeded on %s", exc.detail, request.url.path)
     return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
 
@@ -793,13 +825,12 @@ async def read_me(user: PlanLimitedUser) -> UserOut:
 
 
 @app.get("/rate-limit-status", summary="Your plan and what is left of each limit", responses=errors(401, 503))
-def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
-    """Reads every plan-limited endpoint's window without consuming from it. A plain `def`:
-    the reads are blocking SlowAPI storage calls, so FastAPI runs this in a thread."""
+async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
+    """Reads every plan-limited endpoint's window without consuming from it."""
     limit = PLAN_LIMITS[user.plan]
     endpoints = {}
     for path in PLAN_LIMITED_PATHS:
-        state = window_state(limit, user.username, path)
+        state = await window_state(limit, user.username, path)
         endpoints[path] = EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
 

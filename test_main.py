@@ -12,6 +12,7 @@ from typing import Any
 
 import bcrypt
 import jwt
+import limits.aio.storage.redis.redispy
 import limits.storage.redis
 import pytest
 from fastapi.testclient import TestClient
@@ -74,7 +75,7 @@ def rate_headers(r: Any) -> dict[str, str]:
 
 
 class FakeClock:
-    """Stands in for the `time` module in main and in the limits storage."""
+    """Stands in for the `time` module in main and in the limits storages."""
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -87,7 +88,8 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock(time.time())
     monkeypatch.setattr(main, "time", fake)
-    monkeypatch.setattr(limits.storage.redis, "time", fake)
+    monkeypatch.setattr(limits.storage.redis, "time", fake)  # where SlowAPI counts
+    monkeypatch.setattr(limits.aio.storage.redis.redispy, "time", fake)  # where the headers are read
     return fake
 
 
