@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -217,7 +216,7 @@ def create_token(
         sub=username,
         iat=int(now),
         exp=int(now) + lifetime,
-        jti=uuid.uuid4().hex,
+        jti=secrets.token_urlsafe(16),
         sid=session_id,
         type=token_type,
     )
@@ -710,7 +709,7 @@ async def login(form: LimitedLoginForm) -> TokenPair:
     if user is None:
         logger.warning("failed login for username %r", form.username)
         raise bearer_error("Incorrect username or password", invalid_token=False)
-    return await issue_token_pair(user.username, session_id=uuid.uuid4().hex)
+    return await issue_token_pair(user.username, session_id=secrets.token_urlsafe(16))
 
 
 @app.post(
