@@ -8,6 +8,7 @@ docs.
 """
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -223,18 +224,29 @@ def create_token(
     return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
 
 
-def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
-    """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else."""
+@functools.lru_cache(maxsize=4096)
+def verified_claims(token: str) -> TokenClaims:
+    """Check a token's signature and claims once: a client sends the same access token on every
+    request for its whole lifetime. Failures raise, and lru_cache does not keep raised results."""
     payload = jwt.decode(
         token,
         SECRET_KEY,
         algorithms=[ALGORITHM],  # pinned: never let the token choose its own algorithm
-        options={"verify_exp": verify_exp, "require": ["exp", "iat", "sub", "jti"]},
+        options={"verify_exp": False, "require": ["exp", "iat", "sub", "jti"]},
     )
     try:
         return TokenClaims.model_validate(payload)
     except ValidationError as exc:
         raise jwt.InvalidTokenError("unexpected claims") from exc
+
+
+def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
+    """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else."""
+    claims = verified_claims(token)
+    # Expiry changes with the clock, so it is checked on every use (as PyJWT does: exp <= now).
+    if verify_exp and claims.exp <= time.time():
+        raise jwt.ExpiredSignatureError("Signature has expired")
+    return claims
 
 
 def bearer_error(detail: str, *, invalid_token: bool = True) -> HTTPException:
@@ -312,12 +324,12 @@ async def remove_expired_revocations(now: float) -> int:
 
 # --- Rate limits ---
 
-# SlowAPI counts each call with a blocking Redis round trip, so every limit below sits on a plain
-# `def` dependency, which FastAPI runs in its thread pool. That count is the only blocking call in
-# the app: the X-RateLimit-* headers are read on the event loop, from the same Redis keys, through
-# the async API of `limits` (the library under SlowAPI), sharing the store's connections.
-# headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
-# Retry-After that can be a second early.
+# SlowAPI counts each call with a blocking Redis round trip, so its decorators sit on small plain
+# functions that count_call() runs on a thread pool: that count is the only blocking call in the
+# app, and it never runs on the event loop. The X-RateLimit-* headers are read on the loop, from
+# the same Redis keys, through the async API of `limits` (the library under SlowAPI), sharing the
+# store's connections. headers_enabled=False because SlowAPI's own headers carry a fractional
+# X-RateLimit-Reset and a Retry-After that can be a second early.
 limiter = Limiter(
     key_func=get_remote_address,
     strategy="moving-window",
@@ -372,6 +384,19 @@ async def rate_limit_headers(request: Request, *, retry_after: bool = False) -> 
     if retry_after:
         headers["Retry-After"] = str(max(1, state.whole_seconds_after(time.time())))
     return headers
+
+
+# Each thread waits out one Redis round trip, so this many counts can be in flight at once.
+LIMITER_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ratelimit")
+
+
+async def count_call(count: Callable[[Request], None], request: Request) -> dict[str, str]:
+    """Run a SlowAPI-decorated counter off the event loop; return the headers of its limit.
+
+    Raises RateLimitExceeded when the call is over the limit.
+    """
+    await asyncio.get_running_loop().run_in_executor(LIMITER_POOL, count, request)
+    return await rate_limit_headers(request)
 
 
 def user_rate_limit_key(request: Request) -> str:
@@ -455,18 +480,16 @@ def login_rate_limit_key(request: Request) -> str:
     return f"{get_remote_address(request)}:{request.state.login_username}"
 
 
-# Each limit is a pair: a plain `def` in which SlowAPI counts the call (in a worker thread), and
-# an async dependency on top of it that adds the headers.
 @limiter.limit(settings.rate_limit_anonymous)
 @limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
-def count_login(request: Request, form: Annotated[LoginForm, Depends(login_form)]) -> LoginForm:
-    return form
+def count_login(request: Request) -> None:
+    """SlowAPI counts a login attempt here, per client IP and per IP + username."""
 
 
 async def rate_limited_login_form(
-    request: Request, response: Response, form: Annotated[LoginForm, Depends(count_login)]
+    request: Request, response: Response, form: Annotated[LoginForm, Depends(login_form)]
 ) -> LoginForm:
-    response.headers.update(await rate_limit_headers(request))
+    response.headers.update(await count_call(count_login, request))
     return form
 
 
@@ -475,13 +498,11 @@ LimitedLoginForm = Annotated[LoginForm, Depends(rate_limited_login_form)]
 
 @limiter.limit(settings.rate_limit_anonymous)
 def count_anonymous_call(request: Request) -> None:
-    return None
+    """SlowAPI counts a call to an endpoint that needs no login here, per client IP."""
 
 
-async def ip_rate_limit(
-    request: Request, response: Response, _: Annotated[None, Depends(count_anonymous_call)]
-) -> None:
-    response.headers.update(await rate_limit_headers(request))
+async def ip_rate_limit(request: Request, response: Response) -> None:
+    response.headers.update(await count_call(count_anonymous_call, request))
 
 
 IpRateLimit = Depends(ip_rate_limit)
@@ -514,14 +535,12 @@ CurrentUser = Annotated[User, Depends(current_user)]
 
 
 @limit_by_plan
-def count_plan_call(request: Request, user: CurrentUser) -> User:
-    return user
+def count_plan_call(request: Request) -> None:
+    """SlowAPI counts a call against the user's plan here, per user and endpoint."""
 
 
-async def plan_limited_user(
-    request: Request, response: Response, user: Annotated[User, Depends(count_plan_call)]
-) -> User:
-    response.headers.update(await rate_limit_headers(request))
+async def plan_limited_user(request: Request, response: Response, user: CurrentUser) -> User:
+    response.headers.update(await count_call(count_plan_call, request))
     return user
 
 
@@ -570,7 +589,7 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):  # bodies nobody reads
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
