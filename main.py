@@ -270,10 +270,15 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 
 # --- Revocation store ---
 
-# One sorted set: member = a token's jti or a session's sid, score = the epoch second after which
-# nothing it blocks can be used any more. Cleanup removes entries by score, so it can never
-# un-revoke a token that is still alive.
+# Two structures, both sized by what is revoked or alive, never by traffic:
+# - "revoked", a sorted set. Member: a revoked access token's jti or a revoked session's sid.
+#   Score: the epoch second after which nothing it blocks could be used anyway. Cleanup removes
+#   entries by score, so it can never un-revoke a token that is still alive.
+# - "refresh:<sid>", one string per live session: the jti of the session's one valid refresh
+#   token, expiring with it. Refreshing overwrites it, which revokes every older refresh token of
+#   the session at once (rotation), and makes presenting one of them detectable (reuse).
 REVOKED_KEY = "revoked"
+REFRESH_KEY_PREFIX = "refresh:"
 REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
@@ -292,29 +297,54 @@ else:
     limiter_storage_uri = "redis://"
 
 
+def refresh_key(session_id: str) -> str:
+    return REFRESH_KEY_PREFIX + session_id
+
+
 def session_revocation_deadline(now: float) -> int:
     # Refreshing mints tokens that live REFRESH_TOKEN_LIFETIME from then on, so no token of a session
     # revoked now can outlive this.
     return int(now) + REFRESH_TOKEN_LIFETIME
 
 
-async def revoke(entries: dict[str, int]) -> None:
+async def start_session(refresh: TokenClaims) -> None:
+    await store.set(refresh_key(refresh.sid), refresh.jti, exat=refresh.exp)
+
+
+# Compare-and-set in one step, so two requests can never both rotate the same refresh token.
+ROTATE_REFRESH_TOKEN = store.register_script(
+    """
+    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
+    return 1
+    """
+)
+
+
+async def rotate_refresh_token(presented: TokenClaims, successor: TokenClaims) -> bool:
+    """Make `successor` its session's valid refresh token, if `presented` still is."""
+    key = refresh_key(presented.sid)
+    return bool(await ROTATE_REFRESH_TOKEN(keys=[key], args=[presented.jti, successor.jti, successor.exp]))
+
+
+async def revoke_access_token(claims: TokenClaims) -> None:
     # GT: revoking again may lengthen an entry, never shorten it.
-    await store.zadd(REVOKED_KEY, entries, gt=True)
+    await store.zadd(REVOKED_KEY, {claims.jti: claims.exp}, gt=True)
+
+
+async def revoke_session(session_id: str, now: float) -> None:
+    """Revoke every token of a login: its access tokens by sid, its refresh token by deletion."""
+    async with store.pipeline(transaction=False) as pipe:
+        pipe.zadd(REVOKED_KEY, {session_id: session_revocation_deadline(now)}, gt=True)
+        pipe.delete(refresh_key(session_id))
+        await pipe.execute()
 
 
 async def is_revoked(claims: TokenClaims) -> bool:
+    if claims.type == "refresh":
+        return await store.get(refresh_key(claims.sid)) != claims.jti.encode()
     token_until, session_until = await store.zmscore(REVOKED_KEY, [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
-
-
-async def rotate_refresh_token(claims: TokenClaims) -> bool:
-    """Revoke a refresh token as it is used; False if it was already revoked or its session was."""
-    async with store.pipeline(transaction=True) as pipe:
-        pipe.zadd(REVOKED_KEY, {claims.jti: claims.exp}, nx=True)
-        pipe.zscore(REVOKED_KEY, claims.sid)
-        newly_revoked, session_until = await pipe.execute()
-    return bool(newly_revoked) and session_until is None
 
 
 async def remove_expired_revocations(now: float) -> int:
@@ -691,11 +721,13 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut} for code in codes}
 
 
-async def issue_token_pair(username: str, session_id: str) -> TokenPair:
+def mint_token_pair(username: str, session_id: str) -> tuple[TokenPair, TokenClaims]:
+    """A new access and refresh token for a session, and the refresh token's claims."""
     now = time.time()
     access_token, _ = create_token(username, "access", session_id, now)
-    refresh_token, _ = create_token(username, "refresh", session_id, now)
-    return TokenPair(access_token=access_token, refresh_token=refresh_token, expires_in=ACCESS_TOKEN_LIFETIME)
+    refresh_token, refresh_claims = create_token(username, "refresh", session_id, now)
+    pair = TokenPair(access_token=access_token, refresh_token=refresh_token, expires_in=ACCESS_TOKEN_LIFETIME)
+    return pair, refresh_claims
 
 
 LOGIN_BODY_SCHEMA: dict[str, Any] = {
@@ -728,7 +760,9 @@ async def login(form: LimitedLoginForm) -> TokenPair:
     if user is None:
         logger.warning("failed login for username %r", form.username)
         raise bearer_error("Incorrect username or password", invalid_token=False)
-    return await issue_token_pair(user.username, session_id=secrets.token_urlsafe(16))
+    pair, refresh_claims = mint_token_pair(user.username, session_id=secrets.token_urlsafe(16))
+    await start_session(refresh_claims)
+    return pair
 
 
 @app.post(
@@ -740,17 +774,18 @@ async def login(form: LimitedLoginForm) -> TokenPair:
 async def refresh(body: RefreshIn) -> TokenPair:
     """The refresh token is used up. Presenting it again revokes its whole session."""
     claims = verify_token(body.refresh_token, "refresh")
-    if not await rotate_refresh_token(claims):
-        await revoke({claims.sid: session_revocation_deadline(time.time())})
+    pair, successor = mint_token_pair(claims.sub, claims.sid)
+    if not await rotate_refresh_token(claims, successor):
+        await revoke_session(claims.sid, time.time())
         logger.warning("refresh token reuse, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise bearer_error("Refresh token has been revoked")
-    return await issue_token_pair(claims.sub, claims.sid)
+    return pair
 
 
 @app.post("/logout", summary="Log out: revoke every token of this session", responses=errors(401, 503))
 async def logout(claims: AccessClaims) -> MessageOut:
     """Revokes the access token used here and the refresh token of the same login. Never rate-limited."""
-    await revoke({claims.sid: session_revocation_deadline(time.time())})
+    await revoke_session(claims.sid, time.time())
     return MessageOut(message="Logged out")
 
 
@@ -773,9 +808,9 @@ async def revoke_token(body: RevokeIn) -> RevokedOut:
     now = time.time()
     if claims.exp > now:
         if claims.type == "refresh":
-            await revoke({claims.sid: session_revocation_deadline(now)})
+            await revoke_session(claims.sid, now)
         else:
-            await revoke({claims.jti: claims.exp})
+            await revoke_access_token(claims)
     return RevokedOut(revoked=True)
 
 
@@ -788,9 +823,12 @@ async def revoke_token(body: RevokeIn) -> RevokedOut:
 async def is_token_revoked(
     token: Annotated[str, Query(min_length=1, max_length=MAX_BODY_BYTES)],
 ) -> TokenStatus:
-    """For a token this service signed. An expired token can't be used whether or not it was revoked."""
+    """For a token this service signed. Once a token has expired, the store forgets whether it was
+    revoked (nothing it blocked can be used any more), so it reports `revoked: false, expired: true`."""
     claims = claims_of_presented_token(token)
-    return TokenStatus(revoked=await is_revoked(claims), expired=claims.exp <= time.time())
+    if claims.exp <= time.time():
+        return TokenStatus(revoked=False, expired=True)
+    return TokenStatus(revoked=await is_revoked(claims), expired=False)
 
 
 # --- Endpoints: plan-limited ---

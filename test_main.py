@@ -66,8 +66,14 @@ def mint(
     return token
 
 
-def revoked_entries(client: TestClient) -> dict[str, float]:
+def revoked_entries(client: TestClient) -> dict[bytes, float]:
     return dict(client.portal.call(lambda: main.store.zrange(main.REVOKED_KEY, 0, -1, withscores=True)))
+
+
+def session_records(client: TestClient) -> dict[bytes, bytes]:
+    """The refresh:<sid> records: session key -> the jti of its valid refresh token."""
+    keys = client.portal.call(lambda: main.store.keys(main.REFRESH_KEY_PREFIX + "*"))
+    return {key: client.portal.call(main.store.get, key) for key in keys}
 
 
 def rate_headers(r: Any) -> dict[str, str]:
@@ -666,9 +672,8 @@ def test_session_revocation_outlives_any_refresh_token(client: TestClient) -> No
 
 def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
     now = time.time()
-    client.portal.call(
-        lambda: main.revoke({"dead": int(now) - 1, "at-edge": int(now), "alive": int(now) + 60})
-    )
+    entries = {"dead": int(now) - 1, "at-edge": int(now), "alive": int(now) + 60}
+    client.portal.call(lambda: main.store.zadd(main.REVOKED_KEY, entries))
     removed = client.portal.call(main.remove_expired_revocations, now)
     assert removed == 1
     assert set(revoked_entries(client)) == {b"at-edge", b"alive"}
@@ -687,7 +692,37 @@ def test_garbage_never_grows_the_store(client: TestClient) -> None:
         client.get("/is_token_revoked", params={"token": token})
         client.post("/refresh", json={"refresh_token": token})
         client.get("/users/me", headers=bearer(token))
+    assert (revoked_entries(client), session_records(client)) == ({}, {})
+
+
+def test_login_records_the_sessions_refresh_token(client: TestClient) -> None:
+    claims = main.decode_token(login(client)["refresh_token"])
+    key = (main.REFRESH_KEY_PREFIX + claims.sid).encode()
+    assert session_records(client) == {key: claims.jti.encode()}
+    ttl = client.portal.call(main.store.ttl, key)
+    assert claims.exp - time.time() - 2 <= ttl <= claims.exp - time.time() + 1  # expires with the token
+
+
+def test_rotation_keeps_one_record_per_session(client: TestClient) -> None:
+    refresh_token = login(client)["refresh_token"]
+    for _ in range(3):
+        refresh_token = client.post("/refresh", json={"refresh_token": refresh_token}).json()["refresh_token"]
+    claims = main.decode_token(refresh_token)
     assert revoked_entries(client) == {}
+    assert session_records(client) == {(main.REFRESH_KEY_PREFIX + claims.sid).encode(): claims.jti.encode()}
+
+
+def test_logout_deletes_the_sessions_refresh_record(client: TestClient) -> None:
+    client.post("/logout", headers=bearer(login(client)["access_token"]))
+    assert session_records(client) == {}
+
+
+def test_refresh_fails_closed_without_a_session_record(client: TestClient) -> None:
+    tokens = login(client)
+    client.portal.call(main.store.delete, *session_records(client))  # as if the store lost it
+    r = client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Refresh token has been revoked"}
 
 
 def test_lifespan_runs_the_cleanup_task_and_cancels_it() -> None:
