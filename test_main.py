@@ -4,17 +4,25 @@ refresh, log out. They run on the embedded fake Redis, or on a real one when RED
 import asyncio
 import logging
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import bcrypt
+import httpx
 import jwt
 import limits.aio.storage.redis.redispy
 import limits.storage.redis
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -845,3 +853,172 @@ def test_openapi_documents_every_response(
     operation = client.get("/openapi.json").json()["paths"][path][method]
     assert operation["summary"]
     assert set(operation["responses"]) == codes
+
+
+# --- Only a real Redis can answer these (run with REDIS_URI set, as `just test-redis` does) ---
+
+REAL_REDIS = pytest.mark.skipif(not main.settings.redis_uri, reason="needs a real Redis: set REDIS_URI")
+WAIT_SECONDS = 15  # the bound on every wait below
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.05)  # polls another process; no test waits for time to pass
+
+
+def answers(url: str, expected: int = 200) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == expected
+    except httpx.TransportError:
+        return False
+
+
+@contextmanager
+def app_process(redis_uri: str, **env: str) -> Iterator[str]:
+    """`uvicorn main:app` in its own process on this Redis; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--log-level", "warning"],
+        cwd=Path(__file__).parent,
+        env={**os.environ, "REDIS_URI": redis_uri, "SECRET_KEY": main.SECRET_KEY, **env},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(f"{base}/health") or process.poll() is not None, "the app to start")
+        assert process.poll() is None, "the app exited at start"
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=WAIT_SECONDS)
+
+
+class RedisServer:
+    """A redis-server of the test's own, which it can stop and start again on the same port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.uri = f"redis://127.0.0.1:{self.port}/0"
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.data_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: answers_ping(client), "redis-server to start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=WAIT_SECONDS)
+            self.process = None
+
+
+def answers_ping(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def http_login(base: str, username: str = "jane_doe") -> dict[str, Any]:
+    r = httpx.post(f"{base}/token", json={"username": username, "password": PASSWORDS[username]})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[str]:
+    """The suite's Redis (REDIS_URI), emptied before the test."""
+    redis.Redis.from_url(main.settings.redis_uri).flushdb()
+    yield main.settings.redis_uri
+
+
+@REAL_REDIS
+def test_two_processes_enforce_one_limit_exactly(shared_redis: str) -> None:
+    with app_process(shared_redis) as first, app_process(shared_redis) as second:
+        headers = bearer(http_login(first)["access_token"])
+        urls = [f"{base}/plan-limited-endpoint" for base in (first, second)] * 25
+
+        def call(url: str) -> int:
+            return httpx.get(url, headers=headers, timeout=WAIT_SECONDS).status_code
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            statuses = sorted(pool.map(call, urls))
+    assert statuses == [200] * 2 + [429] * 48
+
+
+@REAL_REDIS
+def test_revocation_in_one_process_is_seen_by_another(shared_redis: str) -> None:
+    with app_process(shared_redis) as first, app_process(shared_redis) as second:
+        token = http_login(first)["access_token"]
+        assert httpx.get(f"{second}/users/me", headers=bearer(token)).status_code == 200
+        assert httpx.post(f"{first}/logout", headers=bearer(token)).status_code == 200
+        r = httpx.get(f"{second}/users/me", headers=bearer(token))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Token has been revoked"}
+
+
+@REAL_REDIS
+def test_revoked_token_stays_revoked_across_restart(shared_redis: str) -> None:
+    with app_process(shared_redis) as base:
+        token = http_login(base)["access_token"]
+        assert httpx.post(f"{base}/logout", headers=bearer(token)).status_code == 200
+    with app_process(shared_redis) as restarted:
+        r = httpx.get(f"{restarted}/users/me", headers=bearer(token))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Token has been revoked"}
+
+
+@REAL_REDIS
+def test_cleanup_task_removes_only_expired_entries(shared_redis: str) -> None:
+    client = redis.Redis.from_url(shared_redis)
+    now = int(time.time())
+    client.zadd(main.REVOKED_KEY, {"expired": now - 1, "alive": now + 3600})
+    with app_process(shared_redis, CLEANUP_INTERVAL_SECONDS="0.1"):
+        wait_until(lambda: client.zscore(main.REVOKED_KEY, "expired") is None, "the cleanup task")
+    assert client.zrange(main.REVOKED_KEY, 0, -1) == [b"alive"]
+
+
+@REAL_REDIS
+def test_outage_answers_503_then_recovers(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with app_process(server.uri) as base:
+            headers = bearer(http_login(base, "john_doe")["access_token"])
+            server.stop()
+            during = [
+                httpx.get(f"{base}/users/me", headers=headers),
+                httpx.get(f"{base}/plan-limited-endpoint", headers=headers),
+                httpx.post(f"{base}/token", json={"username": "john_doe", "password": "password123"}),
+                httpx.get(f"{base}/health"),
+            ]
+            server.start()
+            wait_until(lambda: answers(f"{base}/health"), "the app to see Redis again")
+            after = httpx.get(f"{base}/users/me", headers=headers)
+    finally:
+        server.stop()
+    assert [(r.status_code, r.json()) for r in during] == [(503, STORE_DOWN)] * 4
+    assert after.status_code == 200, after.text
