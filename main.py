@@ -137,6 +137,7 @@ SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else 
 ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60
 REFRESH_TOKEN_LIFETIME = settings.refresh_token_expire_minutes * 60
 MAX_BODY_BYTES = 4096
+MAX_TOKEN_CHARS = 2048  # ours are ~300; the cap keeps a token field well inside MAX_BODY_BYTES
 
 
 # --- Users and plans ---
@@ -477,11 +478,11 @@ class LoginForm(BaseModel):
 
 
 class RefreshIn(BaseModel):
-    refresh_token: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+    refresh_token: str = Field(min_length=1, max_length=MAX_TOKEN_CHARS)
 
 
 class RevokeIn(BaseModel):
-    token: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_CHARS)
 
 
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -771,7 +772,7 @@ async def login(form: LimitedLoginForm) -> TokenPair:
 @app.post(
     "/refresh",
     summary="Trade a refresh token for a new token pair",
-    responses=errors(401, 429, 503),
+    responses=errors(400, 401, 413, 429, 503),
     dependencies=[IpRateLimit],
 )
 async def refresh(body: RefreshIn) -> TokenPair:
@@ -793,16 +794,18 @@ async def logout(claims: AccessClaims) -> MessageOut:
 
 
 def claims_of_presented_token(token: str) -> TokenClaims:
+    """The claims of a token presented for revocation or inspection, expired or not."""
     try:
         return decode_token(token, verify_exp=False)
     except jwt.InvalidTokenError:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, detail="Not a token issued by this service"
-        ) from None
+        raise bearer_error("Not a token issued by this service") from None
 
 
 @app.post(
-    "/revoke", summary="Revoke a token you hold", responses=errors(400, 429, 503), dependencies=[IpRateLimit]
+    "/revoke",
+    summary="Revoke a token you hold",
+    responses=errors(400, 401, 413, 429, 503),
+    dependencies=[IpRateLimit],
 )
 async def revoke_token(body: RevokeIn) -> RevokedOut:
     """Holding a token is the authority to revoke it (as in RFC 7009). A refresh token takes its
@@ -820,11 +823,11 @@ async def revoke_token(body: RevokeIn) -> RevokedOut:
 @app.get(
     "/is_token_revoked",
     summary="Check whether a token has been revoked",
-    responses=errors(400, 429, 503),
+    responses=errors(401, 429, 503),
     dependencies=[IpRateLimit],
 )
 async def is_token_revoked(
-    token: Annotated[str, Query(min_length=1, max_length=MAX_BODY_BYTES)],
+    token: Annotated[str, Query(min_length=1, max_length=MAX_TOKEN_CHARS)],
 ) -> TokenStatus:
     """For a token this service signed. Once a token has expired, the store forgets whether it was
     revoked (nothing it blocked can be used any more), so it reports `revoked: false, expired: true`."""

@@ -602,8 +602,9 @@ def test_revoke_expired_token_succeeds_and_stores_nothing(client: TestClient) ->
 )
 def test_revoke_refuses_foreign_tokens_and_stores_nothing(client: TestClient, token: str) -> None:
     r = client.post("/revoke", json={"token": token})
-    assert r.status_code == 400, r.text
+    assert r.status_code == 401, r.text
     assert r.json() == {"detail": "Not a token issued by this service"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
     assert revoked_entries(client) == {}
 
 
@@ -626,12 +627,20 @@ def test_is_token_revoked_reports_expiry(client: TestClient) -> None:
     assert r.json() == {"revoked": False, "expired": True}
 
 
-@pytest.mark.parametrize("params", [{"token": "garbage"}, {}, {"token": ""}])
-def test_is_token_revoked_refuses_non_tokens(client: TestClient, params: dict[str, str]) -> None:
+def test_is_token_revoked_refuses_foreign_tokens(client: TestClient) -> None:
+    r = client.get("/is_token_revoked", params={"token": "garbage"})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Not a token issued by this service"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"token": ""}, {"token": "x" * 2049}], ids=["missing", "empty", "too-long"]
+)
+def test_is_token_revoked_validates_the_query(client: TestClient, params: dict[str, str]) -> None:
     r = client.get("/is_token_revoked", params=params)
-    assert r.status_code in (400, 422), r.text
-    if r.status_code == 400:
-        assert r.json() == {"detail": "Not a token issued by this service"}
+    assert r.status_code == 422, r.text
+    assert [error["loc"] for error in r.json()["detail"]] == [["query", "token"]]
 
 
 def test_revoked_token_use_is_logged_without_token(
@@ -836,10 +845,10 @@ def test_openapi_documents_json_and_form_login(client: TestClient) -> None:
     ("path", "method", "codes"),
     [
         ("/token", "post", {"200", "400", "401", "413", "415", "422", "429", "503"}),
-        ("/refresh", "post", {"200", "401", "422", "429", "503"}),
+        ("/refresh", "post", {"200", "400", "401", "413", "422", "429", "503"}),
         ("/logout", "post", {"200", "401", "503"}),
-        ("/revoke", "post", {"200", "400", "422", "429", "503"}),
-        ("/is_token_revoked", "get", {"200", "400", "422", "429", "503"}),
+        ("/revoke", "post", {"200", "400", "401", "413", "422", "429", "503"}),
+        ("/is_token_revoked", "get", {"200", "401", "422", "429", "503"}),
         ("/plan-limited-endpoint", "get", {"200", "401", "429", "503"}),
         ("/premium-only-endpoint", "get", {"200", "401", "403", "429", "503"}),
         ("/users/me", "get", {"200", "401", "429", "503"}),
