@@ -643,12 +643,16 @@ class BodySizeLimit:
         await self.app(scope, counting_receive, send)
 
 
-async def cleanup_revocations_forever(interval: float) -> None:
-    while True:
+async def cleanup_revocations_forever(interval: float, stopping: asyncio.Event) -> None:
+    """Every `interval` seconds, drop the revocations whose tokens have all expired."""
+    while not stopping.is_set():
         await asyncio.sleep(interval)
         try:
             removed = await remove_expired_revocations(time.time())
-        except RedisError as exc:  # the store may be down for a while; try again next tick
+        except RedisError as exc:
+            # The store may be down for a while: try again next tick. (A cancellation that lands
+            # inside a redis-py command can surface here as a ConnectionError; `stopping` ends
+            # the loop then.)
             logger.warning("revocation cleanup failed, retrying in %ss: %r", interval, exc)
             continue
         if removed:
@@ -661,11 +665,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning("REDIS_URI is not set: using an embedded in-process store (one process only)")
     if settings.secret_key is None:
         logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
-    cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds))
+    stopping = asyncio.Event()
+    cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds, stopping))
     app.state.cleanup_task = cleanup
     try:
         yield
     finally:
+        stopping.set()
         cleanup.cancel()
         await asyncio.gather(cleanup, return_exceptions=True)
         # Connections belong to this event loop; the next one (a new test client) opens its own.

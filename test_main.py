@@ -30,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 import main
 
 PASSWORDS = {"john_doe": "password123", "jane_doe": "password456", "admin_doe": "password789"}
+WAIT_SECONDS = 15  # the bound on every wait in these tests
 EMBEDDED_ONLY = pytest.mark.skipif(bool(main.settings.redis_uri), reason="switches the embedded store off")
 
 
@@ -762,8 +763,21 @@ def test_cleanup_task_survives_store_errors(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(main, "remove_expired_revocations", flaky)
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(main.cleanup_revocations_forever(0))
+        asyncio.run(main.cleanup_revocations_forever(0, asyncio.Event()))
     assert len(calls) == 3
+
+
+def test_cleanup_task_stops_even_if_redis_py_swallows_the_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stopping = asyncio.Event()
+
+    async def cancelled_mid_command(now: float) -> int:
+        stopping.set()  # what the lifespan does on shutdown...
+        raise RedisConnectionError("connection closed")  # ...and how a cancelled command can end
+
+    monkeypatch.setattr(main, "remove_expired_revocations", cancelled_mid_command)
+    asyncio.run(asyncio.wait_for(main.cleanup_revocations_forever(0, stopping), timeout=WAIT_SECONDS))
 
 
 # --- Health and outages ---
@@ -867,7 +881,6 @@ def test_openapi_documents_every_response(
 # --- Only a real Redis can answer these (run with REDIS_URI set, as `just test-redis` does) ---
 
 REAL_REDIS = pytest.mark.skipif(not main.settings.redis_uri, reason="needs a real Redis: set REDIS_URI")
-WAIT_SECONDS = 15  # the bound on every wait below
 
 
 def free_port() -> int:
