@@ -437,24 +437,29 @@ def user_rate_limit_key(request: Request) -> str:
     return request.state.user.username
 
 
-def counts_only_for(plan: Plan) -> Callable[[Request], bool]:
-    def exempt(request: Request) -> bool:
-        return request.state.user.plan is not plan
+# One counter per plan, each with its own limit, picked by the user's plan on every request.
+# (Not one counter with a callable limit: SlowAPI resolves those on an object that all requests
+# share, so from the thread pool one user's call could be checked against another user's plan.)
+@limiter.limit(settings.rate_limit_free, key_func=user_rate_limit_key)
+def count_free_plan_call(request: Request) -> None:
+    """SlowAPI counts a free-plan call here, per user and endpoint."""
 
-    return exempt
+
+@limiter.limit(settings.rate_limit_premium, key_func=user_rate_limit_key)
+def count_premium_plan_call(request: Request) -> None:
+    """SlowAPI counts a premium-plan call here, per user and endpoint."""
 
 
-def limit_by_plan(dependency: Callable[..., Any]) -> Callable[..., Any]:
-    """One SlowAPI limit per plan; each request counts only against its own user's plan.
+@limiter.limit(settings.rate_limit_admin, key_func=user_rate_limit_key)
+def count_admin_plan_call(request: Request) -> None:
+    """SlowAPI counts an admin-plan call here, per user and endpoint."""
 
-    (SlowAPI's callable limits are resolved on an object shared by all requests, so from worker
-    threads one user could be checked against another's plan; exempt_when sees the right request.)
-    """
-    for plan, limit in PLAN_LIMITS.items():
-        dependency = limiter.limit(
-            str(limit), key_func=user_rate_limit_key, exempt_when=counts_only_for(plan)
-        )(dependency)
-    return dependency
+
+PLAN_COUNTERS: dict[Plan, Callable[[Request], None]] = {
+    Plan.FREE: count_free_plan_call,
+    Plan.PREMIUM: count_premium_plan_call,
+    Plan.ADMIN: count_admin_plan_call,
+}
 
 
 # --- Request models and dependencies ---
@@ -561,20 +566,15 @@ async def current_user(request: Request, claims: AccessClaims) -> User:
     user = USERS.get(claims.sub)
     if user is None:
         raise bearer_error("Unknown user")
-    request.state.user = user  # the plan limit's key and exemptions read it
+    request.state.user = user  # the plan limit's key function reads it from here
     return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-@limit_by_plan
-def count_plan_call(request: Request) -> None:
-    """SlowAPI counts a call against the user's plan here, per user and endpoint."""
-
-
 async def plan_limited_user(request: Request, response: Response, user: CurrentUser) -> User:
-    response.headers.update(await count_call(count_plan_call, request))
+    response.headers.update(await count_call(PLAN_COUNTERS[user.plan], request))
     return user
 
 
