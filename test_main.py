@@ -544,6 +544,12 @@ def test_refresh_refuses_missing_field(client: TestClient) -> None:
     assert r.json()["detail"][0]["loc"] == ["body", "refresh_token"]
 
 
+def test_refresh_refuses_oversized_token(client: TestClient) -> None:
+    r = client.post("/refresh", json={"refresh_token": "x" * 2049})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "refresh_token"]
+
+
 # --- Logout and revocation ---
 
 
@@ -741,6 +747,19 @@ def test_refresh_fails_closed_without_a_session_record(client: TestClient) -> No
     r = client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
     assert r.status_code == 401, r.text
     assert r.json() == {"detail": "Refresh token has been revoked"}
+
+
+def test_store_empties_once_everything_has_expired(client: TestClient) -> None:
+    revoked_one = login(client)
+    client.post("/revoke", json={"token": revoked_one["access_token"]})
+    client.post("/logout", headers=bearer(login(client)["access_token"]))
+    assert len(revoked_entries(client)) == 2
+    after_every_token_expired = time.time() + main.REFRESH_TOKEN_LIFETIME + 1
+    client.portal.call(main.remove_expired_revocations, after_every_token_expired)
+    assert revoked_entries(client) == {}
+    # What is left is the first session's refresh record, which Redis expires with its token.
+    claims = main.decode_token(revoked_one["refresh_token"])
+    assert list(session_records(client)) == [(main.REFRESH_KEY_PREFIX + claims.sid).encode()]
 
 
 def test_lifespan_runs_the_cleanup_task_and_cancels_it() -> None:
