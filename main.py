@@ -389,6 +389,7 @@ class WindowState:
 
     @property
     def next_second(self) -> int:
+        """The first whole epoch second at which the window has room again."""
         return self.whole_seconds_after(0.0)
 
     def whole_seconds_after(self, now: float) -> int:
@@ -704,7 +705,8 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
         headers = await rate_limit_headers(request, retry_after=True)
     except RedisError as store_error:
         return await store_unavailable(request, store_error)
-    logger.warning("rate limit %s exceeded on %s", exc.detail, request.url.path)
+    _, (key, scope) = request.state.view_rate_limit
+    logger.warning("rate limit %s exceeded on %s by %s", exc.detail, scope, key)
     return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
 
 

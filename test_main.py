@@ -416,7 +416,7 @@ def test_429_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
         for _ in range(3):
             client.get("/users/me", headers=bearer(token))
-    assert "rate limit 2 per 1 minute exceeded on /users/me" in caplog.text
+    assert "rate limit 2 per 1 minute exceeded on /users/me by jane_doe" in caplog.text
 
 
 def test_premium_only_refuses_free_plan_by_name(client: TestClient) -> None:
