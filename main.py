@@ -66,7 +66,8 @@ PLACEHOLDER_SECRETS = {"change-me", "changethis", "secret", "your-secret-key"}
 class Settings(BaseModel):
     """Configuration, read once from environment variables (upper-case field names)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected SECRET_KEY must not end up in the startup log.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     redis_uri: str = ""
     secret_key: SecretStr | None = None
@@ -131,7 +132,14 @@ class Settings(BaseModel):
         )
 
 
-settings = Settings.from_environment()
+try:
+    settings = Settings.from_environment()
+except ValidationError as exc:
+    problems = "\n".join(
+        f"  {'.'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
+        for error in exc.errors()
+    )
+    raise SystemExit(f"Refusing to start; fix these environment variables:\n{problems}") from None
 # Without a configured key, tokens only need to survive this process, so a random one is enough.
 SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_urlsafe(64)
 ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60

@@ -135,6 +135,29 @@ def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> Non
         main.Settings.model_validate(values)
 
 
+def test_settings_errors_never_echo_the_secret() -> None:
+    with pytest.raises(ValidationError) as error:
+        main.Settings.model_validate({"secret_key": "my-short-secret"})
+    assert "my-short-secret" not in str(error.value)
+
+
+def test_bad_settings_stop_the_app_with_a_message() -> None:
+    env = {**os.environ, "SECRET_KEY": "my-short-secret", "RATE_LIMIT_FREE": "lots"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import main"],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Refusing to start; fix these environment variables:\n"
+        "  SECRET_KEY: Value error, must be at least 32 bytes for HS256\n"
+        "  RATE_LIMIT_FREE: Value error, 'lots' is not a rate limit like '10/minute'\n"
+    )
+
+
 # --- Login ---
 
 
