@@ -946,6 +946,15 @@ def answers(url: str) -> bool:
         return False
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()  # never leave a server behind; the test still fails
+        raise
+
+
 @contextmanager
 def app_process(redis_uri: str, **env: str) -> Iterator[str]:
     """`uvicorn main:app` in its own process on this Redis; yields its base URL."""
@@ -961,8 +970,7 @@ def app_process(redis_uri: str, **env: str) -> Iterator[str]:
         assert process.poll() is None, "the app exited at start"
         yield base
     finally:
-        process.terminate()
-        process.wait(timeout=WAIT_SECONDS)
+        stop_process(process)
 
 
 class RedisServer:
@@ -994,8 +1002,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=WAIT_SECONDS)
+            stop_process(self.process)
             self.process = None
 
 
