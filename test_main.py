@@ -85,6 +85,10 @@ def session_records(client: TestClient) -> dict[bytes, bytes]:
     return {key: client.portal.call(main.store.get, key) for key in keys}
 
 
+def call_statuses(client: TestClient, token: str, times: int, path: str = "/users/me") -> list[int]:
+    return [client.get(path, headers=bearer(token)).status_code for _ in range(times)]
+
+
 def rate_headers(r: Any) -> dict[str, str]:
     return {k: v for k, v in r.headers.items() if k.startswith("x-ratelimit") or k == "retry-after"}
 
@@ -380,9 +384,9 @@ def test_free_plan_gets_429_on_third_call_with_retry_after(client: TestClient, c
 
 def test_call_succeeds_once_retry_after_has_passed(client: TestClient, clock: FakeClock) -> None:
     token = login(client)["access_token"]
-    for _ in range(2):
-        client.get("/users/me", headers=bearer(token))
+    assert call_statuses(client, token, 2) == [200, 200]
     r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 429, r.text
     clock.now += int(r.headers["retry-after"])
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 200, r.text
@@ -411,24 +415,21 @@ def test_limit_follows_the_users_plan(client: TestClient, username: str, limit: 
 
 def test_premium_plan_allows_ten_calls(client: TestClient) -> None:
     token = login(client, "john_doe")["access_token"]
-    statuses = [client.get("/plan-limited-endpoint", headers=bearer(token)).status_code for _ in range(11)]
-    assert statuses == [200] * 10 + [429]
+    assert call_statuses(client, token, 11, "/plan-limited-endpoint") == [200] * 10 + [429]
 
 
 def test_limits_are_per_user_not_per_ip(client: TestClient) -> None:
     jane = login(client, "jane_doe")["access_token"]
     jane_again = login(client, "jane_doe")["access_token"]
     other = mint(username="admin_doe")
-    for _ in range(2):
-        client.get("/users/me", headers=bearer(jane))
+    assert call_statuses(client, jane, 2) == [200, 200]
     assert client.get("/users/me", headers=bearer(jane_again)).status_code == 429  # same user, new login
     assert client.get("/users/me", headers=bearer(other)).status_code == 200  # same IP, other user
 
 
 def test_limits_are_per_endpoint(client: TestClient) -> None:
     token = login(client)["access_token"]
-    for _ in range(2):
-        client.get("/users/me", headers=bearer(token))
+    assert call_statuses(client, token, 3) == [200, 200, 429]
     r = client.get("/plan-limited-endpoint", headers=bearer(token))
     assert r.status_code == 200, r.text
     assert r.headers["x-ratelimit-remaining"] == "1"
@@ -437,8 +438,7 @@ def test_limits_are_per_endpoint(client: TestClient) -> None:
 def test_429_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     token = login(client)["access_token"]
     with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
-        for _ in range(3):
-            client.get("/users/me", headers=bearer(token))
+        assert call_statuses(client, token, 3) == [200, 200, 429]
     assert "rate limit 2 per 1 minute exceeded on /users/me by jane_doe" in caplog.text
 
 
@@ -450,8 +450,7 @@ def test_premium_only_refuses_free_plan_by_name(client: TestClient) -> None:
 
 def test_premium_only_403_costs_no_quota(client: TestClient) -> None:
     token = login(client)["access_token"]
-    statuses = [client.get("/premium-only-endpoint", headers=bearer(token)).status_code for _ in range(3)]
-    assert statuses == [403, 403, 403]
+    assert call_statuses(client, token, 3, "/premium-only-endpoint") == [403, 403, 403]
 
 
 @pytest.mark.parametrize("username", ["john_doe", "admin_doe"])
@@ -508,8 +507,7 @@ def test_health_and_logout_are_never_rate_limited(client: TestClient) -> None:
 
 def test_logout_works_after_plan_limit_is_used_up(client: TestClient) -> None:
     token = login(client)["access_token"]
-    for _ in range(3):
-        client.get("/users/me", headers=bearer(token))
+    assert call_statuses(client, token, 3) == [200, 200, 429]
     r = client.post("/logout", headers=bearer(token))
     assert r.status_code == 200, r.text
 
