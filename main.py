@@ -801,7 +801,8 @@ async def refresh(body: RefreshIn) -> TokenPair:
     pair, successor = mint_token_pair(claims.sub, claims.sid)
     if not await rotate_refresh_token(claims, successor):
         await revoke_session(claims.sid, time.time())
-        logger.warning("refresh token reuse, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
+        # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
+        logger.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise bearer_error("Refresh token has been revoked")
     return pair
 
@@ -910,10 +911,11 @@ async def read_me(user: PlanLimitedUser) -> UserOut:
 async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
     """Reads every plan-limited endpoint's window without consuming from it."""
     limit = PLAN_LIMITS[user.plan]
-    endpoints = {}
-    for path in PLAN_LIMITED_PATHS:
-        state = await window_state(limit, user.username, path)
-        endpoints[path] = EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
+    states = await asyncio.gather(*(window_state(limit, user.username, path) for path in PLAN_LIMITED_PATHS))
+    endpoints = {
+        path: EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
+        for path, state in zip(PLAN_LIMITED_PATHS, states, strict=True)
+    }
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
 
 

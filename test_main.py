@@ -543,6 +543,18 @@ def test_refresh_token_reuse_revokes_the_session(client: TestClient) -> None:
     assert client.post("/refresh", json={"refresh_token": rotated["refresh_token"]}).status_code == 401
 
 
+def test_refresh_token_reuse_is_logged_without_token(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    stolen = login(client)["refresh_token"]
+    client.post("/refresh", json={"refresh_token": stolen})
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.post("/refresh", json={"refresh_token": stolen})
+    sid = main.decode_token(stolen).sid
+    assert f"stale refresh token, session revoked: sub=jane_doe sid={sid}" in caplog.text
+    assert stolen not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("token", "detail"),
     [
