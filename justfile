@@ -40,7 +40,7 @@ lint: install
 build:
     docker compose build
 
-# Start the API and Redis in the background (needs SECRET_KEY in .env)
+# Start the API and Redis in the background (needs SECRET_KEY and REDIS_PASSWORD in .env)
 up:
     docker compose up --build --detach
 

@@ -12,7 +12,6 @@ import functools
 import logging
 import math
 import os
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,7 +59,10 @@ logger = logging.getLogger("uvicorn.app")
 
 # --- Settings ---
 
-PLACEHOLDER_SECRETS = {"change-me", "changethis", "secret", "your-secret-key"}
+# Words that only a hand-written or copied example key contains (compared in lower case).
+PLACEHOLDER_WORDS = ("change", "secret", "example", "placeholder")
+MIN_DISTINCT_SECRET_CHARS = 10
+GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
 
 
 class Settings(BaseModel):
@@ -82,9 +84,17 @@ class Settings(BaseModel):
 
     @field_validator("redis_uri")
     @classmethod
-    def _redis_scheme(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+    def _usable_redis_uri(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        try:
+            # Building a connection object (it does not connect) checks every part that redis-py
+            # reads: host, port, database and options. `from None`: its message may hold a password.
+            redis.asyncio.ConnectionPool.from_url(value).make_connection()
+        except (ValueError, TypeError):
+            raise ValueError("is not a URL that redis-py accepts (check port, database, options)") from None
         return value
 
     @field_validator("secret_key")
@@ -93,12 +103,17 @@ class Settings(BaseModel):
         if value is None:
             return None
         secret = value.get_secret_value()
-        if secret.lower() in PLACEHOLDER_SECRETS or secret.startswith("change-me"):
+        if not secret.isprintable() or not secret.isascii() or secret != secret.strip():
             raise ValueError(
-                "is a placeholder; generate one: python -c 'import secrets; print(secrets.token_urlsafe(64))'"
+                f"must be printable ASCII without spaces at either end; generate one: {GENERATE_SECRET}"
             )
-        if len(secret.encode()) < 32:
+        if any(word in secret.lower() for word in PLACEHOLDER_WORDS):
+            raise ValueError(f"is a placeholder; generate one: {GENERATE_SECRET}")
+        if len(secret) < 32:
             raise ValueError("must be at least 32 bytes for HS256")
+        # A generated key of 32 characters or more uses far more distinct characters than this.
+        if len(set(secret)) < MIN_DISTINCT_SECRET_CHARS:
+            raise ValueError(f"repeats too few characters to be random; generate one: {GENERATE_SECRET}")
         return value
 
     @field_validator(
@@ -111,24 +126,27 @@ class Settings(BaseModel):
     @classmethod
     def _one_rate_limit(cls, value: str) -> str:
         try:
-            limits.parse(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a rate limit like '10/minute'") from exc
-        if ";" in value or "," in value:
-            raise ValueError("must be a single limit like '10/minute'")
+            (limit,) = limits.parse_many(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a single rate limit like '10/minute'") from None
+        if limit.amount < 1:
+            raise ValueError(f"{value!r} allows no call at all; the smallest limit is 1")
         return value
 
     @model_validator(mode="after")
-    def _shared_store_needs_shared_key(self) -> "Settings":
-        # Workers that share a Redis must sign and verify with the same key.
-        if self.redis_uri and self.secret_key is None:
-            raise ValueError("SECRET_KEY must be set when REDIS_URI is set")
+    def _key_and_store_go_together(self) -> "Settings":
+        # Workers that share a Redis must sign and verify with the same key. And a fixed key without
+        # a shared store would outlive the store's revocations: after a restart, or on another
+        # worker, a logged-out token would be accepted again.
+        if bool(self.redis_uri) != (self.secret_key is not None):
+            raise ValueError("SECRET_KEY and REDIS_URI must be set together, or neither (embedded store)")
         return self
 
     @classmethod
     def from_environment(cls) -> "Settings":
+        # An empty variable counts as unset, as in compose files and `.env` templates.
         return cls.model_validate(
-            {name: os.environ[name.upper()] for name in cls.model_fields if name.upper() in os.environ}
+            {name: value for name in cls.model_fields if (value := os.environ.get(name.upper()))}
         )
 
 
@@ -208,16 +226,22 @@ ALGORITHM = "HS256"
 TokenType = Literal["access", "refresh"]
 
 
+# Redis keeps scores as doubles, exact up to 2**53: no time of ours comes anywhere near it.
+EpochSeconds = Annotated[int, Field(gt=0, lt=2**53)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class TokenClaims(BaseModel):
     """What a token of ours says. `sid` is shared by every token of one login (the session)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: we write integer times and string ids, so "exp": "1700000000" is not one of ours.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    sub: str
-    iat: int
-    exp: int
-    jti: str
-    sid: str
+    sub: NonEmpty
+    iat: EpochSeconds
+    exp: EpochSeconds
+    jti: NonEmpty
+    sid: NonEmpty
     type: TokenType
 
 
@@ -254,6 +278,10 @@ def verified_claims(token: str) -> TokenClaims:
 
 def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
     """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else."""
+    # Ours are short ASCII: refuse anything else before it costs a decode (or a cache lookup, which
+    # hashes the whole string). A header of a megabyte would otherwise take ~50 ms of the loop.
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+        raise jwt.InvalidTokenError("not a token of ours")
     claims = verified_claims(token)
     # Expiry changes with the clock, so it is checked on every use (as PyJWT does: exp <= now).
     if verify_exp and claims.exp <= time.time():
@@ -314,9 +342,9 @@ def refresh_key(session_id: str) -> str:
 
 
 def session_revocation_deadline(now: float) -> int:
-    # Refreshing mints tokens that live REFRESH_TOKEN_LIFETIME from then on, so no token of a session
-    # revoked now can outlive this.
-    return int(now) + REFRESH_TOKEN_LIFETIME
+    # A session's entry blocks its access tokens (its refresh token is blocked by deleting its
+    # record, which also stops any new ones being minted), and each of those was minted by now.
+    return int(now) + ACCESS_TOKEN_LIFETIME
 
 
 async def start_session(refresh: TokenClaims) -> None:
@@ -519,17 +547,21 @@ async def login_form(request: Request) -> LoginForm:
     try:
         form = LoginForm.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from None
+        raise RequestValidationError(exc.errors()) from None
     request.state.login_username = form.username  # the login limit's key reads it
     return form
 
 
 def login_rate_limit_key(request: Request) -> str:
-    return f"{get_remote_address(request)}:{request.state.login_username}"
+    # No IP address contains "|", so no two (IP, username) pairs share a key: with ":", the IPv6
+    # address 2001:db8::1 and username 5:jane would share one with 2001:db8::1:5 and jane.
+    return f"{get_remote_address(request)}|{request.state.login_username}"
 
 
-@limiter.limit(settings.rate_limit_anonymous)
+# SlowAPI checks stacked limits top to bottom and stops at the first one exceeded: the per-IP limit
+# goes first, so a client it refuses creates no per-username key for each name it tries.
 @limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
+@limiter.limit(settings.rate_limit_anonymous)
 def count_login(request: Request) -> None:
     """SlowAPI counts a login attempt here, per client IP and per IP + username."""
 
@@ -605,20 +637,23 @@ async def require_premium(user: CurrentUser) -> None:
 # --- App, lifespan and cleanup task ---
 
 
-class RedactTokens(logging.Filter):
-    """Masks token values in uvicorn's access log (GET /is_token_revoked carries one in its query)."""
-
-    pattern = re.compile(r"(token=)[^&\s]+")
+class RedactQueries(logging.Filter):
+    """Drops query strings from uvicorn's access log: GET /is_token_revoked carries a token there,
+    and a client can spell its name any way it likes (`tok%65n=`), so no pattern could catch it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
-                self.pattern.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args
+                arg.partition("?")[0] + "?[redacted]" if isinstance(arg, str) and "?" in arg else arg
+                for arg in record.args
             )
         return True
 
 
-logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+logging.getLogger("uvicorn.access").addFilter(RedactQueries())
+# SlowAPI logs every exceeded limit with the client's key unescaped; rate_limit_exceeded() below
+# logs the same event safely, so keep only SlowAPI's errors.
+logging.getLogger("slowapi").setLevel(logging.ERROR)
 
 
 def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -703,8 +738,16 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 @app.exception_handler(RedisError)
 async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
     # Fail closed: without the store, no token can be checked for revocation and no limit counted.
-    logger.error("store unavailable on %s %s: %r", request.method, request.url.path, exc)
+    logger.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
     return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly")
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each rejected value as "input": a token or a password, sent back
+    # in the response (and unencodable, a 500, when it holds a lone surrogate like "\ud800").
+    errors = [{key: error[key] for key in ("type", "loc", "msg")} for error in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 @app.exception_handler(RateLimitExceeded)
@@ -714,7 +757,7 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
     except RedisError as store_error:
         return await store_unavailable(request, store_error)
     _, (key, scope) = request.state.view_rate_limit
-    logger.warning("rate limit %s exceeded on %s by %s", exc.detail, scope, key)
+    logger.warning("rate limit %s exceeded on %s by %r", exc.detail, scope, key)
     return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
 
 

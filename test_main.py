@@ -122,15 +122,31 @@ def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert (settings.rate_limit_free, settings.access_token_expire_minutes) == ("3/minute", 5)
 
 
+GOOD_SECRET = "k3Q9vXr2LmT8wYp4ZsN6bHc1JfD7gUe5"  # 32 characters, 32 distinct
+GOOD_URI = "redis://localhost:6379/0"
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"secret_key": "too-short"}, "must be at least 32 bytes"),
+        ({"secret_key": "too-short-Xy7"}, "must be at least 32 bytes"),
         ({"secret_key": "change-me-to-a-long-random-string-of-64-chars"}, "is a placeholder"),
-        ({"redis_uri": "redis://localhost:6379/0"}, "SECRET_KEY must be set when REDIS_URI is set"),
+        ({"secret_key": "CHANGE-ME-TO-A-LONG-RANDOM-STRING-OF-64-CHARS"}, "is a placeholder"),
+        ({"secret_key": "a" * 32}, "repeats too few characters"),
+        ({"secret_key": "ab" * 32}, "repeats too few characters"),
+        ({"secret_key": " " * 32}, "must be printable ASCII"),
+        ({"secret_key": GOOD_SECRET + " "}, "must be printable ASCII"),
+        ({"secret_key": GOOD_SECRET + "\udcff"}, "must be printable ASCII"),  # a non-UTF-8 byte
+        ({"redis_uri": GOOD_URI}, "SECRET_KEY and REDIS_URI must be set together"),
+        ({"secret_key": GOOD_SECRET}, "SECRET_KEY and REDIS_URI must be set together"),
         ({"redis_uri": "http://localhost"}, "must start with redis://"),
-        ({"rate_limit_free": "lots"}, "is not a rate limit"),
-        ({"rate_limit_free": "2/minute;5/hour"}, "must be a single limit"),
+        ({"redis_uri": "redis://localhost:99999/0"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis://localhost:port/0"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis://localhost:6379/0?colour=blue"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis://localhost:6379/0?db=zero"}, "is not a URL that redis-py accepts"),
+        ({"rate_limit_free": "lots"}, "is not a single rate limit"),
+        ({"rate_limit_free": "2/minute;5/hour"}, "is not a single rate limit"),
+        ({"rate_limit_free": "0/minute"}, "allows no call at all"),
         ({"access_token_expire_minutes": "0"}, "greater than 0"),
     ],
 )
@@ -139,14 +155,46 @@ def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> Non
         main.Settings.model_validate(values)
 
 
-def test_settings_errors_never_echo_the_secret() -> None:
+@pytest.mark.parametrize(
+    "uri", [GOOD_URI, "rediss://:pw@redis.example:6380/1", "unix:///run/redis.sock?password=pw&db=2"]
+)
+def test_settings_accept_redis_uris_with_their_key(uri: str) -> None:
+    settings = main.Settings.model_validate({"redis_uri": uri, "secret_key": GOOD_SECRET})
+    assert settings.redis_uri == uri
+
+
+def test_settings_treat_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECRET_KEY", "")
+    monkeypatch.setenv("REDIS_URI", "")
+    settings = main.Settings.from_environment()
+    assert (settings.secret_key, settings.redis_uri) == (None, "")
+
+
+@pytest.mark.parametrize(
+    ("values", "secret"),
+    [
+        ({"secret_key": "short-Xy7k"}, "short-Xy7k"),
+        ({"secret_key": GOOD_SECRET + "\udcff"}, "\udcff"),
+        (
+            {"redis_uri": "unix:///tmp/r.sock?password=hunter2&colour=blue", "secret_key": GOOD_SECRET},
+            "hunter2",
+        ),
+        ({"redis_uri": "redis://:hunter2@localhost:port/0", "secret_key": GOOD_SECRET}, "hunter2"),
+    ],
+)
+def test_settings_errors_never_echo_a_secret(values: dict[str, str], secret: str) -> None:
     with pytest.raises(ValidationError) as error:
-        main.Settings.model_validate({"secret_key": "my-short-secret"})
-    assert "my-short-secret" not in str(error.value)
+        main.Settings.model_validate(values)
+    assert secret not in str(error.value) and repr(secret)[1:-1] not in str(error.value)
 
 
 def test_bad_settings_stop_the_app_with_a_message() -> None:
-    env = {**os.environ, "SECRET_KEY": "my-short-secret", "RATE_LIMIT_FREE": "lots"}
+    env = {
+        **os.environ,
+        "SECRET_KEY": "short-Xy7k",
+        "RATE_LIMIT_FREE": "lots",
+        "REDIS_URI": "redis://h:0x/0",
+    }
     result = subprocess.run(
         [sys.executable, "-c", "import main"],
         cwd=Path(__file__).parent,
@@ -157,8 +205,9 @@ def test_bad_settings_stop_the_app_with_a_message() -> None:
     assert result.returncode == 1
     assert result.stderr == (
         "Refusing to start; fix these environment variables:\n"
+        "  REDIS_URI: Value error, is not a URL that redis-py accepts (check port, database, options)\n"
         "  SECRET_KEY: Value error, must be at least 32 bytes for HS256\n"
-        "  RATE_LIMIT_FREE: Value error, 'lots' is not a rate limit like '10/minute'\n"
+        "  RATE_LIMIT_FREE: Value error, 'lots' is not a single rate limit like '10/minute'\n"
     )
 
 
@@ -439,7 +488,7 @@ def test_429_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> 
     token = login(client)["access_token"]
     with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
         assert call_statuses(client, token, 3) == [200, 200, 429]
-    assert "rate limit 2 per 1 minute exceeded on /users/me by jane_doe" in caplog.text
+    assert "rate limit 2 per 1 minute exceeded on /users/me by 'jane_doe'" in caplog.text
 
 
 def test_premium_only_refuses_free_plan_by_name(client: TestClient) -> None:
@@ -694,18 +743,145 @@ def test_revoked_token_use_is_logged_without_token(
     assert token not in caplog.text
 
 
-def test_access_log_masks_tokens_in_query_strings() -> None:
+@pytest.mark.parametrize(
+    "query", ["token=eyJ.abc&x=1", "tok%65n=eyJ.abc", "x=1&TOKEN=eyJ.abc", "eyJ.abc", "token=eyJ.abc?more"]
+)
+def test_access_log_never_shows_a_query_string(query: str) -> None:
     record = logging.LogRecord(
         "uvicorn.access",
         logging.INFO,
         __file__,
         1,
         '%s - "%s %s HTTP/%s" %d',
-        ("1.2.3.4", "GET", "/is_token_revoked?token=eyJ.abc&x=1", "1.1", 200),
+        ("1.2.3.4", "GET", f"/is_token_revoked?{query}", "1.1", 200),
         None,
     )
-    main.RedactTokens().filter(record)
-    assert record.getMessage() == '1.2.3.4 - "GET /is_token_revoked?token=[redacted]&x=1 HTTP/1.1" 200'
+    main.RedactQueries().filter(record)
+    assert record.getMessage() == '1.2.3.4 - "GET /is_token_revoked?[redacted] HTTP/1.1" 200'
+
+
+# --- Hostile input ---
+
+
+def signed(**changes: Any) -> str:
+    """A token signed with the app's own key, with some claims changed."""
+    claims = {**main.decode_token(mint()).model_dump(), **changes}
+    return jwt.encode(claims, main.SECRET_KEY, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"exp": str(int(time.time()) + 600)},
+        {"iat": str(int(time.time()))},
+        {"jti": ""},
+        {"sid": ""},
+        {"sub": ""},
+        {"exp": 2**70},
+    ],
+    ids=["exp-as-string", "iat-as-string", "empty-jti", "empty-sid", "empty-sub", "exp-2**70"],
+)
+def test_token_with_loosely_typed_claims_is_invalid(client: TestClient, changes: dict[str, Any]) -> None:
+    r = client.get("/users/me", headers=bearer(signed(**changes)))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Invalid token"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+@pytest.mark.parametrize("token", ["e" * (main.MAX_TOKEN_CHARS + 1), "e" * 1_300_000, "eyJñ.abc.def"])
+def test_oversized_or_non_ascii_bearer_token_is_refused_before_decoding(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    def must_not_decode(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(main.jwt, "decode", must_not_decode)
+    r = client.get("/users/me", headers={"Authorization": f"Bearer {token}".encode()})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Invalid token"}
+    assert r.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/revoke", '{"token": "\\ud800"}'),
+        ("/refresh", '{"refresh_token": "\\ud800"}'),
+        ("/token", '{"username": "\\ud800", "password": "x"}'),
+        ("/token", '{"username": "jane_doe", "password": "\\udfff"}'),
+    ],
+)
+def test_lone_surrogate_in_json_is_a_422(client: TestClient, path: str, body: str) -> None:
+    r = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert [error["type"] for error in r.json()["detail"]] == ["string_unicode"]
+
+
+@pytest.mark.parametrize(
+    ("path", "send"),
+    [
+        ("/refresh", lambda token: {"content": token, "headers": {"Content-Type": "text/plain"}}),
+        ("/refresh", lambda token: {"json": {"refresh_token": {"t": token}}}),
+        ("/revoke", lambda token: {"json": {"token": {"t": token}}}),
+        ("/revoke", lambda token: {"json": {"token": token + "x" * main.MAX_TOKEN_CHARS}}),
+        ("/token", lambda token: {"json": {"username": ["jane_doe"], "password": token}}),
+        ("/token", lambda token: {"data": {"username": "", "password": token}}),
+    ],
+)
+def test_validation_errors_never_echo_what_was_sent(
+    client: TestClient, path: str, send: Callable[[str], dict[str, Any]]
+) -> None:
+    token = login(client)["refresh_token"]
+    r = client.post(path, **send(token))
+    assert r.status_code == 422, r.text
+    assert token not in r.text
+    assert all(set(error) == {"type", "loc", "msg"} for error in r.json()["detail"])
+
+
+def test_is_token_revoked_refuses_a_non_ascii_token(client: TestClient) -> None:
+    r = client.get("/is_token_revoked", params={"token": "eyJñ.abc.def"})
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Not a token issued by this service"}
+
+
+def test_rate_limit_log_line_escapes_the_username(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = 'jane_doe\nINFO: 10.0.0.1:1 - "GET /admin HTTP/1.1" 200'
+    with caplog.at_level(logging.WARNING):
+        statuses = [
+            client.post("/token", json={"username": forged, "password": "x"}).status_code for _ in range(6)
+        ]
+    assert statuses == [401] * 5 + [429]
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+    assert "by 'testclient|jane_doe\\nINFO: 10.0.0.1:1" in caplog.text
+
+
+def test_login_limit_keys_never_collide(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2001:db8::1 logging in as 5:jane_doe must not use up 2001:db8::1:5's tries as jane_doe."""
+    monkeypatch.setattr(main, "get_remote_address", lambda request: request.headers["x-test-ip"])
+    for _ in range(5):
+        r = client.post(
+            "/token", json={"username": "5:jane_doe", "password": "x"}, headers={"x-test-ip": "2001:db8::1"}
+        )
+        assert r.status_code == 401, r.text
+    r = client.post(
+        "/token",
+        json={"username": "jane_doe", "password": "password456"},
+        headers={"x-test-ip": "2001:db8::1:5"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_refused_login_creates_no_limit_key(client: TestClient) -> None:
+    for n in range(20):  # the per-IP limit, each under a name of its own
+        r = client.post("/token", json={"username": f"guess{n}", "password": "x"})
+        assert r.status_code == 401, r.text
+    keys_before = set(client.portal.call(main.store.keys, "*"))
+    r = client.post("/token", json={"username": "one-more-name", "password": "x"})
+    assert r.status_code == 429, r.text
+    assert r.json() == {"detail": "Rate limit exceeded: 20 per 1 minute"}
+    assert set(client.portal.call(main.store.keys, "*")) == keys_before
 
 
 # --- The revocation store and its cleanup ---
@@ -718,13 +894,26 @@ def test_access_token_revocation_lives_until_the_token_expires(client: TestClien
     assert revoked_entries(client) == {claims.jti.encode(): claims.exp}
 
 
-def test_session_revocation_outlives_any_refresh_token(client: TestClient) -> None:
+@pytest.mark.parametrize(("access_minutes", "refresh_minutes"), [(15, 7 * 24 * 60), (3, 1)])
+def test_session_revocation_lives_until_its_access_tokens_expire(
+    client: TestClient,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    access_minutes: int,
+    refresh_minutes: int,
+) -> None:
+    monkeypatch.setattr(main, "ACCESS_TOKEN_LIFETIME", access_minutes * 60)
+    monkeypatch.setattr(main, "REFRESH_TOKEN_LIFETIME", refresh_minutes * 60)
     tokens = login(client)
-    before = time.time()
-    client.post("/logout", headers=bearer(tokens["access_token"]))
-    claims = main.decode_token(tokens["refresh_token"])
-    (until,) = revoked_entries(client).values()
-    assert until >= claims.exp and until >= int(before) + main.REFRESH_TOKEN_LIFETIME
+    clock.now += 30
+    assert client.post("/logout", headers=bearer(tokens["access_token"])).status_code == 200
+    access = main.decode_token(tokens["access_token"])
+    assert revoked_entries(client) == {access.sid.encode(): int(clock.now) + access_minutes * 60}
+    clock.now = access.exp - 1  # the last second in which the access token would still work
+    client.portal.call(main.remove_expired_revocations, clock.now)
+    r = client.get("/users/me", headers=bearer(tokens["access_token"]))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Token has been revoked"}
 
 
 def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
