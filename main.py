@@ -14,12 +14,12 @@ import math
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import bcrypt
 import fakeredis
@@ -27,13 +27,14 @@ import jwt
 import limits
 import limits.aio.storage
 import limits.aio.strategies
+import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
-import redis.retry
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer
+from greenlet import getcurrent, greenlet
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -327,14 +328,9 @@ if settings.redis_uri:
     store: redis.asyncio.Redis = redis.asyncio.from_url(
         settings.redis_uri, retry=redis.asyncio.retry.Retry(NoBackoff(), 1), **REDIS_TIMEOUTS
     )
-    limiter_storage_options: dict[str, Any] = {"retry": redis.retry.Retry(NoBackoff(), 1), **REDIS_TIMEOUTS}
-    limiter_storage_uri = settings.redis_uri
 else:
-    # One fake Redis server in this process, shared by the async store client and SlowAPI's sync one.
     embedded_server = fakeredis.FakeServer()
     store = fakeredis.FakeAsyncRedis(server=embedded_server)
-    limiter_storage_options = {"connection_pool": fakeredis.FakeRedis(server=embedded_server).connection_pool}
-    limiter_storage_uri = "redis://"
 
 
 def refresh_key(session_id: str) -> str:
@@ -394,25 +390,98 @@ async def remove_expired_revocations(now: float) -> int:
 
 # --- Rate limits ---
 
-# SlowAPI counts each call with a blocking Redis round trip, so its decorators sit on small plain
-# functions that count_call() runs on a thread pool: that count is the only blocking call in the
-# app, and it never runs on the event loop. The X-RateLimit-* headers are read on the loop, from
-# the same Redis keys, through the async API of `limits` (the library under SlowAPI), sharing the
-# store's connections. headers_enabled=False because SlowAPI's own headers carry a fractional
-# X-RateLimit-Reset and a Retry-After that can be a second early.
+# SlowAPI is synchronous: it picks keys, counts and raises RateLimitExceeded in plain function
+# calls, and waits for Redis through a sync `limits` storage. Rather than give it a thread (a GIL
+# hand-off per call), count_call() runs it in a greenlet on the event loop's own thread, the
+# technique of SQLAlchemy's asyncio support: the storage SlowAPI is given hands each Redis command
+# back to greenlet_spawn() as a coroutine of `limits`' async storage (on the store's connections),
+# which awaits it on the loop and resumes SlowAPI with the answer. One thread, no blocking call,
+# SlowAPI unchanged; while a count waits for Redis, the loop serves other requests as at any await.
+# headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
+# Retry-After that can be a second early; rate_limit_headers() below writes exact ones.
+T = TypeVar("T")
+
+
+class _Bridged(greenlet):
+    """A greenlet that greenlet_spawn() started; its parent is the event loop's task."""
+
+
+async def greenlet_spawn(fn: Callable[[Request], None], request: Request) -> None:
+    """Run the sync `fn` here, awaiting on its behalf whatever it passes to await_only()."""
+    child = _Bridged(fn, getcurrent())
+    child.gr_context = getcurrent().gr_context  # the task's contextvars, as plain sync code sees them
+    awaited = child.switch(request)  # runs fn up to its first await_only(), or to its end
+    while not child.dead:
+        try:
+            value = await awaited
+        except BaseException as exc:  # a Redis error, or this task's cancellation: fn gets it
+            awaited = child.throw(exc)  # where it waits, and it ends the greenlet unless fn catches it
+        else:
+            awaited = child.switch(value)
+
+
+def await_only(awaitable: Awaitable[T]) -> T:
+    """From sync code run by greenlet_spawn(): pause it until the loop has awaited `awaitable`."""
+    current = getcurrent()
+    if not isinstance(current, _Bridged):
+        raise RuntimeError("await_only() works only inside greenlet_spawn()")
+    return current.parent.switch(awaitable)  # type: ignore[no-any-return]
+
+
+class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupport):
+    """The sync `limits` storage that SlowAPI counts with, doing its I/O through an async one.
+
+    `limits` registers it under its URI scheme, so SlowAPI builds it from its public settings:
+    Limiter(storage_uri="async-bridge://", storage_options={"storage": ...}). The moving window
+    calls only acquire_entry(); the other methods are abstract in Storage, so they forward too.
+    """
+
+    STORAGE_SCHEME = ["async-bridge"]  # noqa: RUF012 (a list, as limits declares it)
+
+    def __init__(self, uri: str, *, storage: limits.aio.storage.RedisStorage) -> None:
+        super().__init__(uri)
+        self.storage = storage
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return self.storage.base_exceptions
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        return await_only(self.storage.acquire_entry(key, limit, expiry, amount))
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        return await_only(self.storage.get_moving_window(key, limit, expiry))
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        return await_only(self.storage.incr(key, expiry, amount))
+
+    def get(self, key: str) -> int:
+        return await_only(self.storage.get(key))
+
+    def get_expiry(self, key: str) -> float:
+        return await_only(self.storage.get_expiry(key))
+
+    def check(self) -> bool:
+        return await_only(self.storage.check())
+
+    def reset(self) -> int | None:
+        return await_only(self.storage.reset())
+
+    def clear(self, key: str) -> None:
+        await_only(self.storage.clear(key))
+
+
+limits_storage = limits.aio.storage.RedisStorage(
+    "async+redis://", implementation="redispy", connection_pool=store.connection_pool
+)
 limiter = Limiter(
     key_func=get_remote_address,
     strategy="moving-window",
-    storage_uri=limiter_storage_uri,
-    storage_options=limiter_storage_options,
+    storage_uri="async-bridge://",
+    storage_options={"storage": limits_storage},
     headers_enabled=False,
 )
-window_reader = limits.aio.strategies.MovingWindowRateLimiter(
-    limits.aio.storage.RedisStorage(
-        "async+redis://", implementation="redispy", connection_pool=store.connection_pool
-    )
-)
-
+window_reader = limits.aio.strategies.MovingWindowRateLimiter(limits_storage)
 
 TIMESTAMP_TOLERANCE = 0.001  # seconds
 
@@ -457,16 +526,12 @@ async def rate_limit_headers(request: Request, *, retry_after: bool = False) -> 
     return headers
 
 
-# Each thread waits out one Redis round trip, so this many counts can be in flight at once.
-LIMITER_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="ratelimit")
-
-
 async def count_call(count: Callable[[Request], None], request: Request) -> dict[str, str]:
-    """Run a SlowAPI-decorated counter off the event loop; return the headers of its limit.
+    """Run a SlowAPI-decorated counter; return the headers of its limit.
 
     Raises RateLimitExceeded when the call is over the limit.
     """
-    await asyncio.get_running_loop().run_in_executor(LIMITER_POOL, count, request)
+    await greenlet_spawn(count, request)
     return await rate_limit_headers(request)
 
 
@@ -475,8 +540,6 @@ def user_rate_limit_key(request: Request) -> str:
 
 
 # One counter per plan, each with its own limit, picked by the user's plan on every request.
-# (Not one counter with a callable limit: SlowAPI resolves those on an object that all requests
-# share, so from the thread pool one user's call could be checked against another user's plan.)
 @limiter.limit(settings.rate_limit_free, key_func=user_rate_limit_key)
 def count_free_plan_call(request: Request) -> None:
     """SlowAPI counts a free-plan call here, per user and endpoint."""

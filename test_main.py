@@ -2,6 +2,7 @@
 refresh, log out. They run on the embedded fake Redis, or on a real one when REDIS_URI is set."""
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -20,12 +21,12 @@ import bcrypt
 import httpx
 import jwt
 import limits.aio.storage.redis.redispy
-import limits.storage.redis
 import pytest
 import redis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from starlette.requests import Request
 
 import main
 
@@ -107,8 +108,7 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock(int(time.time()) + 0.25)  # a quarter past: no rounding edge in sight
     monkeypatch.setattr(main, "time", fake)
-    monkeypatch.setattr(limits.storage.redis, "time", fake)  # where SlowAPI counts
-    monkeypatch.setattr(limits.aio.storage.redis.redispy, "time", fake)  # where the headers are read
+    monkeypatch.setattr(limits.aio.storage.redis.redispy, "time", fake)  # where limits count and read
     return fake
 
 
@@ -558,6 +558,85 @@ def test_logout_works_after_plan_limit_is_used_up(client: TestClient) -> None:
     token = login(client)["access_token"]
     assert call_statuses(client, token, 3) == [200, 200, 429]
     r = client.post("/logout", headers=bearer(token))
+    assert r.status_code == 200, r.text
+
+
+# --- SlowAPI on the event loop ---
+
+
+def live_bridged_greenlets() -> list[main._Bridged]:
+    gc.collect()
+    return [g for g in gc.get_objects() if isinstance(g, main._Bridged) and not g.dead]
+
+
+def connections_in_use() -> set[Any]:
+    return set(main.store.connection_pool._in_use_connections)
+
+
+def test_counting_touches_redis_only_from_the_event_loops_thread(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    acquire = main.limits_storage.acquire_entry
+
+    async def spy(*args: Any, **kwargs: Any) -> bool:
+        threads.append(threading.current_thread())
+        return await acquire(*args, **kwargs)
+
+    monkeypatch.setattr(main.limits_storage, "acquire_entry", spy)
+    token = login(client)["access_token"]
+    assert call_statuses(client, token, 3) == [200, 200, 429]
+    loop_thread = client.portal.call(threading.current_thread)
+    assert len(threads) == 5  # the login's two limits, then three calls
+    assert set(threads) == {loop_thread}
+
+
+def test_redis_error_inside_a_count_is_a_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = login(client)["access_token"]
+
+    async def unreachable(*args: Any, **kwargs: Any) -> bool:
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(main.limits_storage, "acquire_entry", unreachable)
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 503, r.text
+    assert r.json() == STORE_DOWN
+    assert live_bridged_greenlets() == []
+
+
+def anonymous_request(ip: str = "198.51.100.7") -> Request:
+    return Request({"type": "http", "method": "GET", "path": "/revoke", "headers": [], "client": (ip, 1)})
+
+
+def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connection_class = main.store.connection_pool.connection_class
+    stalled = asyncio.Event()
+    read = connection_class.read_response
+
+    async def stalling_read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if stalling:
+            stalled.set()
+            await asyncio.Event().wait()  # no answer, until the task is cancelled
+        return await read(self, *args, **kwargs)
+
+    async def cancel_mid_count() -> None:
+        task = asyncio.create_task(main.count_call(main.count_anonymous_call, anonymous_request()))
+        await stalled.wait()
+        assert len(live_bridged_greenlets()) == 1 and len(connections_in_use()) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    client.portal.call(main.count_call, main.count_anonymous_call, anonymous_request())  # scripts loaded
+    stalling = True
+    monkeypatch.setattr(connection_class, "read_response", stalling_read)
+    client.portal.call(cancel_mid_count)
+    assert live_bridged_greenlets() == []
+    assert connections_in_use() == set()
+    stalling = False
+    r = client.get("/health")
     assert r.status_code == 200, r.text
 
 
