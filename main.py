@@ -9,11 +9,13 @@ docs.
 
 import asyncio
 import functools
+import ipaddress
 import logging
 import math
 import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -39,8 +41,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     SecretStr,
     ValidationError,
     field_validator,
@@ -50,8 +50,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
-from slowapi.util import get_remote_address
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # A child of uvicorn's logger, so these lines share its handler, format and level.
@@ -63,6 +63,9 @@ logger = logging.getLogger("uvicorn.app")
 # Words that only a hand-written or copied example key contains (compared in lower case).
 PLACEHOLDER_WORDS = ("change", "secret", "example", "placeholder")
 MIN_DISTINCT_SECRET_CHARS = 10
+MINUTES_PER_YEAR = 365 * 24 * 60
+# A moving window keeps one Redis entry per call it counts: past this many, memory gives out first.
+MAX_CALLS_PER_WINDOW = 10_000_000
 GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
 
 
@@ -74,9 +77,9 @@ class Settings(BaseModel):
 
     redis_uri: str = ""
     secret_key: SecretStr | None = None
-    access_token_expire_minutes: PositiveInt = 15
-    refresh_token_expire_minutes: PositiveInt = 7 * 24 * 60
-    cleanup_interval_seconds: PositiveFloat = 60
+    access_token_expire_minutes: int = Field(default=15, ge=1, le=MINUTES_PER_YEAR)
+    refresh_token_expire_minutes: int = Field(default=7 * 24 * 60, ge=1, le=MINUTES_PER_YEAR)
+    cleanup_interval_seconds: float = Field(default=60, ge=0.01, le=24 * 3600, allow_inf_nan=False)
     rate_limit_free: str = "2/minute"
     rate_limit_premium: str = "10/minute"
     rate_limit_admin: str = "9999/minute"
@@ -90,11 +93,14 @@ class Settings(BaseModel):
             return value
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        database = urllib.parse.urlsplit(value).path.strip("/") if not value.startswith("unix:") else ""
+        if not value.isascii() or (database and not database.isdigit()):
+            raise ValueError("is not a URL that redis-py accepts (check port, database, options)")
         try:
             # Building a connection object (it does not connect) checks every part that redis-py
             # reads: host, port, database and options. `from None`: its message may hold a password.
             redis.asyncio.ConnectionPool.from_url(value).make_connection()
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RedisError):
             raise ValueError("is not a URL that redis-py accepts (check port, database, options)") from None
         return value
 
@@ -126,12 +132,15 @@ class Settings(BaseModel):
     )
     @classmethod
     def _one_rate_limit(cls, value: str) -> str:
+        # The messages never repeat the value: it could be a secret pasted into the wrong variable.
         try:
             (limit,) = limits.parse_many(value)
         except ValueError:
-            raise ValueError(f"{value!r} is not a single rate limit like '10/minute'") from None
-        if limit.amount < 1:
-            raise ValueError(f"{value!r} allows no call at all; the smallest limit is 1")
+            raise ValueError("is not a single rate limit like '10/minute'") from None
+        if not 1 <= limit.amount <= MAX_CALLS_PER_WINDOW:
+            raise ValueError(f"must allow from 1 to {MAX_CALLS_PER_WINDOW:,} calls")
+        if limit.get_expiry() > MINUTES_PER_YEAR * 60:
+            raise ValueError("must have a window of at most a year")
         return value
 
     @model_validator(mode="after")
@@ -246,14 +255,17 @@ class TokenClaims(BaseModel):
     type: TokenType
 
 
+def token_lifetime(token_type: TokenType) -> int:
+    return ACCESS_TOKEN_LIFETIME if token_type == "access" else REFRESH_TOKEN_LIFETIME
+
+
 def create_token(
     username: str, token_type: TokenType, session_id: str, now: float
 ) -> tuple[str, TokenClaims]:
-    lifetime = ACCESS_TOKEN_LIFETIME if token_type == "access" else REFRESH_TOKEN_LIFETIME
     claims = TokenClaims(
         sub=username,
         iat=int(now),
-        exp=int(now) + lifetime,
+        exp=int(now) + token_lifetime(token_type),
         jti=secrets.token_urlsafe(16),
         sid=session_id,
         type=token_type,
@@ -272,9 +284,14 @@ def verified_claims(token: str) -> TokenClaims:
         options={"verify_exp": False, "require": ["exp", "iat", "sub", "jti"]},
     )
     try:
-        return TokenClaims.model_validate(payload)
+        claims = TokenClaims.model_validate(payload)
     except ValidationError as exc:
         raise jwt.InvalidTokenError("unexpected claims") from exc
+    # One minted before its lifetime setting was lowered could outlive its session's revocation
+    # entry, which lasts as long as the tokens this app issues now.
+    if claims.exp - claims.iat > token_lifetime(claims.type):
+        raise jwt.InvalidTokenError("lives longer than this app's tokens")
+    return claims
 
 
 def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
@@ -471,11 +488,24 @@ class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupp
         await_only(self.storage.clear(key))
 
 
+def client_address(request: Request) -> str:
+    """Whom the per-IP limits count: the client's IP address, with one IPv6 /64 (what one host is
+    usually given) as one client. Anything else, such as a bad X-Forwarded-For that a trusted
+    proxy passed on, counts as one single client: it never becomes a Redis key of its own."""
+    try:
+        address = ipaddress.ip_address(request.client.host if request.client else "")
+    except ValueError:
+        return "unknown"
+    if address.version == 6:
+        return str(ipaddress.ip_network((address, 64), strict=False))
+    return str(address)
+
+
 limits_storage = limits.aio.storage.RedisStorage(
     "async+redis://", implementation="redispy", connection_pool=store.connection_pool
 )
 limiter = Limiter(
-    key_func=get_remote_address,
+    key_func=client_address,
     strategy="moving-window",
     storage_uri="async-bridge://",
     storage_options={"storage": limits_storage},
@@ -487,8 +517,20 @@ TIMESTAMP_TOLERANCE = 0.001  # seconds
 
 
 @dataclass(frozen=True)
+class CountedWindow:
+    """One limit's moving window: the calls of one client at one path, as SlowAPI counts them."""
+
+    policy: str  # its name in the IETF RateLimit fields: a plan, "ip" or "ip+username"
+    limit: limits.RateLimitItem
+    key: str  # what the limit's SlowAPI key function returns for this client
+    path: str  # SlowAPI counts each path apart
+
+
+@dataclass(frozen=True)
 class WindowState:
+    policy: str
     limit: int
+    window_seconds: int
     remaining: int
     reset: float  # epoch seconds when the oldest hit in the window leaves it (inclusive)
 
@@ -506,33 +548,53 @@ class WindowState:
         return math.floor(self.reset - now + TIMESTAMP_TOLERANCE) + 1
 
 
-async def window_state(limit: limits.RateLimitItem, *identifiers: str) -> WindowState:
+async def window_state(window: CountedWindow) -> WindowState:
     """Read a moving window without consuming from it."""
-    stats = await window_reader.get_window_stats(limit, *identifiers)
-    return WindowState(limit=limit.amount, remaining=stats.remaining, reset=stats.reset_time)
+    stats = await window_reader.get_window_stats(window.limit, window.key, window.path)
+    return WindowState(
+        policy=window.policy,
+        limit=window.limit.amount,
+        window_seconds=window.limit.get_expiry(),
+        remaining=stats.remaining,
+        reset=stats.reset_time,
+    )
 
 
-async def rate_limit_headers(request: Request, *, retry_after: bool = False) -> dict[str, str]:
-    """The X-RateLimit-* headers (and Retry-After for a 429) of the limit SlowAPI just checked."""
-    limit, identifiers = request.state.view_rate_limit
-    state = await window_state(limit, *identifiers)
+async def rate_limit_headers(
+    windows: tuple[CountedWindow, ...], *, retry_after: bool = False
+) -> dict[str, str]:
+    """The headers of the limits that counted a call (and Retry-After for a 429).
+
+    X-RateLimit-* and the IETF RateLimit field (draft-ietf-httpapi-ratelimit-headers) speak for the
+    window nearest exhaustion; RateLimit-Policy lists every limit that counted the call.
+    """
+    states = [await window_state(window) for window in windows]
+    nearest = min(states, key=lambda state: (state.remaining, -state.reset))
+    seconds_left = nearest.whole_seconds_after(time.time())
     headers = {
-        "X-RateLimit-Limit": str(state.limit),
-        "X-RateLimit-Remaining": str(state.remaining),
-        "X-RateLimit-Reset": str(state.next_second),
+        "X-RateLimit-Limit": str(nearest.limit),
+        "X-RateLimit-Remaining": str(nearest.remaining),
+        "X-RateLimit-Reset": str(nearest.next_second),
+        "RateLimit-Policy": ", ".join(f'"{s.policy}";q={s.limit};w={s.window_seconds}' for s in states),
+        "RateLimit": f'"{nearest.policy}";r={nearest.remaining};t={seconds_left}',
     }
     if retry_after:
-        headers["Retry-After"] = str(max(1, state.whole_seconds_after(time.time())))
+        headers["Retry-After"] = str(max(1, seconds_left))
     return headers
 
 
-async def count_call(count: Callable[[Request], None], request: Request) -> dict[str, str]:
-    """Run a SlowAPI-decorated counter; return the headers of its limit.
+async def count_call(
+    count: Callable[[Request], None], request: Request, response: Response, *windows: CountedWindow
+) -> None:
+    """Count a call with a SlowAPI-decorated counter whose limits are `windows`, and send their
+    headers: on the response, and on request.state, where an error response picks them up.
 
-    Raises RateLimitExceeded when the call is over the limit.
+    Raises RateLimitExceeded when the call is over a limit.
     """
+    request.state.counted_windows = windows  # for the 429's headers
     await greenlet_spawn(count, request)
-    return await rate_limit_headers(request)
+    request.state.rate_limit_headers = await rate_limit_headers(windows)
+    response.headers.update(request.state.rate_limit_headers)
 
 
 def user_rate_limit_key(request: Request) -> str:
@@ -562,16 +624,44 @@ PLAN_COUNTERS: dict[Plan, Callable[[Request], None]] = {
 }
 
 
+@limiter.limit(settings.rate_limit_anonymous)
+def count_anonymous_call(request: Request) -> None:
+    """SlowAPI counts a call to an endpoint that needs no login here, per client IP."""
+
+
+def login_rate_limit_key(request: Request) -> str:
+    # No IP address contains "|", so no two (IP, username) pairs share a key: with ":", the IPv6
+    # address 2001:db8::1 and username 5:jane would share one with 2001:db8::1:5 and jane.
+    return f"{client_address(request)}|{request.state.login_username}"
+
+
+# SlowAPI checks stacked limits from the innermost decorator out, and stops at the first one
+# exceeded: the per-IP limit goes first, so a client it refuses creates no key per username tried.
+@limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
+@limiter.limit(settings.rate_limit_anonymous)
+def count_login(request: Request) -> None:
+    """SlowAPI counts a login attempt here, per client IP and per IP + username."""
+
+
+ANONYMOUS_LIMIT = limits.parse(settings.rate_limit_anonymous)
+LOGIN_LIMIT = limits.parse(settings.rate_limit_login)
+
+
 # --- Request models and dependencies ---
 
 
 class ErrorOut(BaseModel):
     detail: str
+    error: str | None = Field(default=None, description="RFC 6749 error code (OAuth2 endpoints only)")
+    error_description: str | None = None
 
 
-class LoginForm(BaseModel):
+class PasswordGrant(BaseModel):
+    """RFC 6749 §4.3: log in with a username and password."""
+
+    grant_type: Literal["password"] = "password"
     username: str = Field(min_length=1, max_length=64)
-    password: str = Field(min_length=1, max_length=72)
+    password: str = Field(min_length=1, max_length=72, json_schema_extra={"format": "password"})
 
     @field_validator("password")
     @classmethod
@@ -582,73 +672,103 @@ class LoginForm(BaseModel):
         return value
 
 
-class RefreshIn(BaseModel):
-    refresh_token: str = Field(min_length=1, max_length=MAX_TOKEN_CHARS)
+# No max_length: decode_token() refuses anything longer than our tokens, as it does in a header.
+TokenString = Annotated[str, Field(min_length=1)]
 
 
-class RevokeIn(BaseModel):
-    token: str = Field(min_length=1, max_length=MAX_TOKEN_CHARS)
+class RefreshGrant(BaseModel):
+    """RFC 6749 §6: trade a refresh token for a new pair."""
+
+    grant_type: Literal["refresh_token"] = "refresh_token"
+    refresh_token: TokenString
+
+
+class TokenRequest(BaseModel):
+    """RFC 7009 §2.1 (revocation) and RFC 7662 §2.1 (introspection)."""
+
+    token: TokenString
+    token_type_hint: str | None = Field(
+        default=None, max_length=64, description="Ignored: every token of ours says what type it is"
+    )
 
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 
 
-async def login_form(request: Request) -> LoginForm:
-    """Credentials from a JSON body (curl) or an OAuth2 password form (Swagger UI's Authorize)."""
+async def request_fields(request: Request) -> Any:
+    """A JSON body (what curl sends here) or a form (what OAuth2 clients send), as Python data."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if content_type == "application/json":
-            data: Any = await request.json()
-        elif content_type == FORM_TYPE:
-            data = dict(await request.form())
-        else:
-            raise HTTPException(
-                status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=f"Send application/json or {FORM_TYPE}"
-            )
-    except ValueError:  # also what json raises for a malformed body
+            return await request.json()
+        if content_type == FORM_TYPE:
+            form = await request.form()
+            if len(form) != len(form.multi_items()):  # RFC 6749 §3.2: no parameter twice
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="A form field appears more than once")
+            return dict(form)
+    except (ValueError, RecursionError):  # what json raises for a malformed or too deeply nested body
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Request body is malformed") from None
+    raise HTTPException(
+        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=f"Send application/json or {FORM_TYPE}"
+    )
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parsed(model: type[ModelT], fields: Any) -> ModelT:
+    """`fields` as a `model`, or the same 422 that FastAPI gives a body it parses itself."""
     try:
-        form = LoginForm.model_validate(data)
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    request.state.login_username = form.username  # the login limit's key reads it
-    return form
 
 
-def login_rate_limit_key(request: Request) -> str:
-    # No IP address contains "|", so no two (IP, username) pairs share a key: with ":", the IPv6
-    # address 2001:db8::1 and username 5:jane would share one with 2001:db8::1:5 and jane.
-    return f"{get_remote_address(request)}|{request.state.login_username}"
+class OAuth2Error(HTTPException):
+    """An error whose RFC 6749 code is not the one its status implies (see error_response())."""
 
-
-# SlowAPI checks stacked limits top to bottom and stops at the first one exceeded: the per-IP limit
-# goes first, so a client it refuses creates no per-username key for each name it tries.
-@limiter.limit(settings.rate_limit_login, key_func=login_rate_limit_key)
-@limiter.limit(settings.rate_limit_anonymous)
-def count_login(request: Request) -> None:
-    """SlowAPI counts a login attempt here, per client IP and per IP + username."""
-
-
-async def rate_limited_login_form(
-    request: Request, response: Response, form: Annotated[LoginForm, Depends(login_form)]
-) -> LoginForm:
-    response.headers.update(await count_call(count_login, request))
-    return form
-
-
-LimitedLoginForm = Annotated[LoginForm, Depends(rate_limited_login_form)]
-
-
-@limiter.limit(settings.rate_limit_anonymous)
-def count_anonymous_call(request: Request) -> None:
-    """SlowAPI counts a call to an endpoint that needs no login here, per client IP."""
+    def __init__(self, status_code: int, error: str, detail: str) -> None:
+        super().__init__(status_code, detail=detail)
+        self.error = error
 
 
 async def ip_rate_limit(request: Request, response: Response) -> None:
-    response.headers.update(await count_call(count_anonymous_call, request))
+    # request["path"] is the path as SlowAPI reads it.
+    window = CountedWindow("ip", ANONYMOUS_LIMIT, client_address(request), request["path"])
+    await count_call(count_anonymous_call, request, response, window)
 
 
 IpRateLimit = Depends(ip_rate_limit)
+
+
+async def refresh_grant(request: Request) -> RefreshGrant:
+    return parsed(RefreshGrant, await request_fields(request))
+
+
+async def token_grant(request: Request, response: Response) -> PasswordGrant | RefreshGrant:
+    """The grant a /token request carries (password when it names none), counted by its limits."""
+    fields = await request_fields(request)
+    grant_type = fields.get("grant_type", "password") if isinstance(fields, dict) else "password"
+    if grant_type == "refresh_token":
+        await ip_rate_limit(request, response)  # as on /refresh
+        return parsed(RefreshGrant, fields)
+    if grant_type != "password":
+        raise OAuth2Error(
+            status.HTTP_400_BAD_REQUEST,
+            "unsupported_grant_type",
+            "grant_type must be password or refresh_token",
+        )
+    grant = parsed(PasswordGrant, fields)
+    request.state.login_username = grant.username  # the login limit's key reads it
+    ip = CountedWindow("ip", ANONYMOUS_LIMIT, client_address(request), request["path"])
+    ip_and_username = CountedWindow(
+        "ip+username", LOGIN_LIMIT, login_rate_limit_key(request), request["path"]
+    )
+    await count_call(count_login, request, response, ip, ip_and_username)
+    return grant
+
+
+TokenGrant = Annotated[PasswordGrant | RefreshGrant, Depends(token_grant)]
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="token", auto_error=False)
 
@@ -682,7 +802,8 @@ CurrentUser = Annotated[User, Depends(current_user)]
 
 
 async def plan_limited_user(request: Request, response: Response, user: CurrentUser) -> User:
-    response.headers.update(await count_call(PLAN_COUNTERS[user.plan], request))
+    window = CountedWindow(user.plan.value, PLAN_LIMITS[user.plan], user.username, request["path"])
+    await count_call(PLAN_COUNTERS[user.plan], request, response, window)
     return user
 
 
@@ -700,27 +821,55 @@ async def require_premium(user: CurrentUser) -> None:
 # --- App, lifespan and cleanup task ---
 
 
-class RedactQueries(logging.Filter):
-    """Drops query strings from uvicorn's access log: GET /is_token_revoked carries a token there,
-    and a client can spell its name any way it likes (`tok%65n=`), so no pattern could catch it."""
+class SafeRequestLines(logging.Filter):
+    """Cleans what clients write into uvicorn's request lines (the access log, and WebSocket
+    handshakes on its error log): query strings go, since GET /is_token_revoked carries a token
+    there and a client can spell its name any way it likes (`tok%65n=`); and control characters
+    in a client address that a proxy passed on (`X-Forwarded-For`) are escaped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                arg.partition("?")[0] + "?[redacted]" if isinstance(arg, str) and "?" in arg else arg
-                for arg in record.args
-            )
+            record.args = tuple(self.clean(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
+    @staticmethod
+    def clean(text: str) -> str:
+        if "?" in text:
+            text = text.partition("?")[0] + "?[redacted]"
+        return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
-logging.getLogger("uvicorn.access").addFilter(RedactQueries())
+
+for uvicorn_logger in ("uvicorn.access", "uvicorn.error"):
+    logging.getLogger(uvicorn_logger).addFilter(SafeRequestLines())
 # SlowAPI logs every exceeded limit with the client's key unescaped; rate_limit_exceeded() below
 # logs the same event safely, so keep only SlowAPI's errors.
 logging.getLogger("slowapi").setLevel(logging.ERROR)
 
 
-def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+# Token responses must not be cached (RFC 6749 §5.1); Pragma for HTTP/1.0 caches.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+OAUTH2_PATHS = {"/token", "/refresh", "/revoke", "/introspect"}
+# RFC 6749 §5.2's code for each error status of those endpoints; any other 4xx is invalid_request.
+# (RFC 6749 answers a bad grant with 400; this app keeps the seed's 401, and clients read `error`.)
+OAUTH2_ERROR_CODES = {
+    status.HTTP_401_UNAUTHORIZED: "invalid_grant",
+    status.HTTP_429_TOO_MANY_REQUESTS: "temporarily_unavailable",
+    status.HTTP_503_SERVICE_UNAVAILABLE: "temporarily_unavailable",
+}
+
+
+def error_response(
+    request: Request, status_code: int, detail: Any, headers: dict[str, str] | None = None, *, error: str = ""
+) -> JSONResponse:
+    """Every error this app sends: JSON with `detail`, and the rate-limit headers of a counted call.
+    From the OAuth2 endpoints also RFC 6749's `error` and `error_description`, which clients read."""
+    body = {"detail": detail}
+    headers = {**getattr(request.state, "rate_limit_headers", {}), **(headers or {})}
+    if request["path"] in OAUTH2_PATHS:
+        body["error"] = error or OAUTH2_ERROR_CODES.get(status_code, "invalid_request")
+        body["error_description"] = detail if isinstance(detail, str) else "A field is missing or invalid"
+        headers.update(NO_STORE)
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 class BodySizeLimit:
@@ -739,7 +888,8 @@ class BodySizeLimit:
             return
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await error_response(status.HTTP_413_CONTENT_TOO_LARGE, "Content Too Large")(scope, receive, send)
+            response = error_response(Request(scope), status.HTTP_413_CONTENT_TOO_LARGE, "Content Too Large")
+            await response(scope, receive, send)
             return
         received = 0
 
@@ -802,7 +952,9 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
     # Fail closed: without the store, no token can be checked for revocation and no limit counted.
     logger.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
-    return error_response(status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly")
+    return error_response(
+        request, status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly"
+    )
 
 
 @app.exception_handler(RequestValidationError)
@@ -810,18 +962,27 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     # FastAPI's default 422 echoes each rejected value as "input": a token or a password, sent back
     # in the response (and unencodable, a 500, when it holds a lone surrogate like "\ud800").
     errors = [{key: error[key] for key in ("type", "loc", "msg")} for error in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return error_response(request, status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own handler, but through error_response(): a counted failure (a wrong password, a
+    # stale refresh token) still tells the client what it has left.
+    return error_response(request, exc.status_code, exc.detail, exc.headers, error=getattr(exc, "error", ""))
 
 
 @app.exception_handler(RateLimitExceeded)
 async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     try:
-        headers = await rate_limit_headers(request, retry_after=True)
+        headers = await rate_limit_headers(request.state.counted_windows, retry_after=True)
     except RedisError as store_error:
         return await store_unavailable(request, store_error)
-    _, (key, scope) = request.state.view_rate_limit
+    _, (key, scope) = request.state.view_rate_limit  # SlowAPI's note of the limit exceeded
     logger.warning("rate limit %s exceeded on %s by %r", exc.detail, scope, key)
-    return error_response(status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers)
+    return error_response(
+        request, status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers
+    )
 
 
 # --- Endpoints: tokens ---
@@ -835,7 +996,7 @@ class TokenPair(BaseModel):
 
 
 class RevokedOut(BaseModel):
-    revoked: bool
+    revoked: bool = Field(description="false: not a token of this service, so nothing was done")
 
 
 class TokenStatus(BaseModel):
@@ -843,12 +1004,58 @@ class TokenStatus(BaseModel):
     expired: bool
 
 
+class Introspection(BaseModel):
+    """RFC 7662 §2.2. Everything but `active` is left out for a token that is not active."""
+
+    active: bool
+    token_type: Literal["access_token", "refresh_token"] | None = None
+    sub: str | None = None
+    username: str | None = None
+    exp: int | None = None
+    iat: int | None = None
+    jti: str | None = None
+
+
+class ServerMetadata(BaseModel):
+    """RFC 8414 §2, for what this server has: no authorization endpoint, no client secrets."""
+
+    issuer: str
+    token_endpoint: str
+    revocation_endpoint: str
+    introspection_endpoint: str
+    grant_types_supported: list[str]
+    response_types_supported: list[str]
+    token_endpoint_auth_methods_supported: list[str]
+    revocation_endpoint_auth_methods_supported: list[str]
+    introspection_endpoint_auth_methods_supported: list[str]
+
+
 class MessageOut(BaseModel):
     message: str
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": ErrorOut} for code in codes}
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrorOut(BaseModel):
+    detail: list[FieldError]
+    error: str | None = None
+    error_description: str | None = None
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ValidationErrorOut if code == 422 else ErrorOut} for code in codes}
+
+
+def request_body(*models: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body that request_fields() reads: the same fields as JSON or as a form."""
+    schemas = [model.model_json_schema() for model in models]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    content = {media_type: {"schema": schema} for media_type in ("application/json", FORM_TYPE)}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def mint_token_pair(username: str, session_id: str) -> tuple[TokenPair, TokenClaims]:
@@ -860,50 +1067,9 @@ def mint_token_pair(username: str, session_id: str) -> tuple[TokenPair, TokenCla
     return pair, refresh_claims
 
 
-LOGIN_BODY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["username", "password"],
-    "properties": {
-        "username": {"type": "string", "minLength": 1, "maxLength": 64},
-        "password": {"type": "string", "minLength": 1, "maxLength": 72, "format": "password"},
-    },
-}
-
-
-@app.post(
-    "/token",
-    summary="Log in: trade a username and password for an access and a refresh token",
-    responses={**errors(400, 401, 413, 415, 429, 503), 422: {"description": "Validation Error"}},
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": LOGIN_BODY_SCHEMA},
-                FORM_TYPE: {"schema": LOGIN_BODY_SCHEMA},
-            },
-        }
-    },
-)
-async def login(form: LimitedLoginForm) -> TokenPair:
-    """Accepts JSON or an OAuth2 password form. Limited per client IP and per IP + username."""
-    user = await authenticate_user(form.username, form.password)
-    if user is None:
-        logger.warning("failed login for username %r", form.username)
-        raise bearer_error("Incorrect username or password", invalid_token=False)
-    pair, refresh_claims = mint_token_pair(user.username, session_id=secrets.token_urlsafe(16))
-    await start_session(refresh_claims)
-    return pair
-
-
-@app.post(
-    "/refresh",
-    summary="Trade a refresh token for a new token pair",
-    responses=errors(400, 401, 413, 429, 503),
-    dependencies=[IpRateLimit],
-)
-async def refresh(body: RefreshIn) -> TokenPair:
-    """The refresh token is used up. Presenting it again revokes its whole session."""
-    claims = verify_token(body.refresh_token, "refresh")
+async def refresh_session(refresh_token: str) -> TokenPair:
+    """Rotate a session's refresh token; one that is no longer the current one revokes the session."""
+    claims = verify_token(refresh_token, "refresh")
     pair, successor = mint_token_pair(claims.sub, claims.sid)
     if not await rotate_refresh_token(claims, successor):
         await revoke_session(claims.sid, time.time())
@@ -913,7 +1079,45 @@ async def refresh(body: RefreshIn) -> TokenPair:
     return pair
 
 
-@app.post("/logout", summary="Log out: revoke every token of this session", responses=errors(401, 503))
+@app.post(
+    "/token",
+    summary="Log in, or refresh: the OAuth2 token endpoint",
+    responses=error_responses(400, 401, 413, 415, 422, 429, 503),
+    openapi_extra=request_body(PasswordGrant, RefreshGrant),
+)
+async def login(grant: TokenGrant, response: Response) -> TokenPair:
+    """`grant_type=password` (the default in JSON) trades a username and password for a new pair;
+    `grant_type=refresh_token` works as /refresh does. JSON or an OAuth2 form. A login is limited
+    per client IP and per IP + username, a refresh per client IP."""
+    response.headers.update(NO_STORE)
+    if isinstance(grant, RefreshGrant):
+        return await refresh_session(grant.refresh_token)
+    user = await authenticate_user(grant.username, grant.password)
+    if user is None:
+        logger.warning("failed login for username %r", grant.username)
+        raise bearer_error("Incorrect username or password", invalid_token=False)
+    pair, refresh_claims = mint_token_pair(user.username, session_id=secrets.token_urlsafe(16))
+    await start_session(refresh_claims)
+    return pair
+
+
+@app.post(
+    "/refresh",
+    summary="Trade a refresh token for a new token pair",
+    responses=error_responses(400, 401, 413, 415, 422, 429, 503),
+    dependencies=[IpRateLimit],
+    openapi_extra=request_body(RefreshGrant),
+)
+async def refresh(grant: Annotated[RefreshGrant, Depends(refresh_grant)], response: Response) -> TokenPair:
+    """JSON `{"refresh_token": ...}` or the RFC 6749 §6 form. The refresh token is used up;
+    presenting it again revokes its whole session."""
+    response.headers.update(NO_STORE)
+    return await refresh_session(grant.refresh_token)
+
+
+@app.post(
+    "/logout", summary="Log out: revoke every token of this session", responses=error_responses(401, 503)
+)
 async def logout(claims: AccessClaims) -> MessageOut:
     """Revokes the access token used here and the refresh token of the same login. Never rate-limited."""
     await revoke_session(claims.sid, time.time())
@@ -921,23 +1125,35 @@ async def logout(claims: AccessClaims) -> MessageOut:
 
 
 def claims_of_presented_token(token: str) -> TokenClaims:
-    """The claims of a token presented for revocation or inspection, expired or not."""
+    """The claims of a token presented for inspection, expired or not."""
     try:
         return decode_token(token, verify_exp=False)
     except jwt.InvalidTokenError:
         raise bearer_error("Not a token issued by this service") from None
 
 
+async def token_request(request: Request) -> TokenRequest:
+    return parsed(TokenRequest, await request_fields(request))
+
+
+PresentedToken = Annotated[TokenRequest, Depends(token_request)]
+
+
 @app.post(
     "/revoke",
-    summary="Revoke a token you hold",
-    responses=errors(400, 401, 413, 429, 503),
+    summary="Revoke a token you hold (RFC 7009)",
+    responses=error_responses(400, 413, 415, 422, 429, 503),
     dependencies=[IpRateLimit],
+    openapi_extra=request_body(TokenRequest),
 )
-async def revoke_token(body: RevokeIn) -> RevokedOut:
-    """Holding a token is the authority to revoke it (as in RFC 7009). A refresh token takes its
-    whole session with it. Revoking an expired or already revoked token succeeds and changes nothing."""
-    claims = claims_of_presented_token(body.token)
+async def revoke_token(body: PresentedToken) -> RevokedOut:
+    """Holding a token is the authority to revoke it. A refresh token takes its whole session with
+    it. Revoking an expired or already revoked token succeeds and changes nothing; a token this
+    service did not sign gets `revoked: false` and no error (RFC 7009 §2.2)."""
+    try:
+        claims = decode_token(body.token, verify_exp=False)
+    except jwt.InvalidTokenError:
+        return RevokedOut(revoked=False)
     now = time.time()
     if claims.exp > now:
         if claims.type == "refresh":
@@ -947,10 +1163,39 @@ async def revoke_token(body: RevokeIn) -> RevokedOut:
     return RevokedOut(revoked=True)
 
 
+@app.post(
+    "/introspect",
+    summary="Is this token active, and whose is it? (RFC 7662)",
+    responses=error_responses(400, 413, 415, 422, 429, 503),
+    dependencies=[IpRateLimit],
+    openapi_extra=request_body(TokenRequest),
+    response_model_exclude_none=True,
+)
+async def introspect(body: PresentedToken, response: Response) -> Introspection:
+    """`active: true` with the token's claims for a live, unrevoked token of this service, and
+    exactly `{"active": false}` for anything else: expired, revoked, used up, foreign or garbage."""
+    response.headers.update(NO_STORE)
+    try:
+        claims = decode_token(body.token)
+    except jwt.InvalidTokenError:
+        return Introspection(active=False)
+    if claims.sub not in USERS or await is_revoked(claims):
+        return Introspection(active=False)
+    return Introspection(
+        active=True,
+        token_type=f"{claims.type}_token",
+        sub=claims.sub,
+        username=claims.sub,
+        exp=claims.exp,
+        iat=claims.iat,
+        jti=claims.jti,
+    )
+
+
 @app.get(
     "/is_token_revoked",
     summary="Check whether a token has been revoked",
-    responses=errors(401, 429, 503),
+    responses=error_responses(401, 429, 503),
     dependencies=[IpRateLimit],
 )
 async def is_token_revoked(
@@ -962,6 +1207,25 @@ async def is_token_revoked(
     if claims.exp <= time.time():
         return TokenStatus(revoked=False, expired=True)
     return TokenStatus(revoked=await is_revoked(claims), expired=False)
+
+
+@app.get(
+    "/.well-known/oauth-authorization-server", summary="Where OAuth2 clients find the endpoints (RFC 8414)"
+)
+async def server_metadata(request: Request) -> ServerMetadata:
+    """Public clients only: no client secret is needed or checked."""
+    no_client_auth = ["none"]
+    return ServerMetadata(
+        issuer=str(request.base_url).rstrip("/"),
+        token_endpoint=str(request.url_for("login")),
+        revocation_endpoint=str(request.url_for("revoke_token")),
+        introspection_endpoint=str(request.url_for("introspect")),
+        grant_types_supported=["password", "refresh_token"],
+        response_types_supported=[],
+        token_endpoint_auth_methods_supported=no_client_auth,
+        revocation_endpoint_auth_methods_supported=no_client_auth,
+        introspection_endpoint_auth_methods_supported=no_client_auth,
+    )
 
 
 # --- Endpoints: plan-limited ---
@@ -990,7 +1254,7 @@ PLAN_LIMITED_PATHS = ("/plan-limited-endpoint", "/premium-only-endpoint", "/user
 @app.get(
     "/plan-limited-endpoint",
     summary="An endpoint limited by the caller's plan",
-    responses=errors(401, 429, 503),
+    responses=error_responses(401, 429, 503),
 )
 async def plan_limited(user: PlanLimitedUser) -> MessageOut:
     """Each user gets their plan's number of calls in any rolling window."""
@@ -1000,7 +1264,7 @@ async def plan_limited(user: PlanLimitedUser) -> MessageOut:
 @app.get(
     "/premium-only-endpoint",
     summary="An endpoint for the premium and admin plans",
-    responses=errors(401, 403, 429, 503),
+    responses=error_responses(401, 403, 429, 503),
     dependencies=[Depends(require_premium)],  # route dependencies run first: a 403 costs no quota
 )
 async def premium_only(user: PlanLimitedUser) -> MessageOut:
@@ -1008,16 +1272,21 @@ async def premium_only(user: PlanLimitedUser) -> MessageOut:
     return MessageOut(message=f"Welcome to the premium area, {user.username}")
 
 
-@app.get("/users/me", summary="The logged-in user", responses=errors(401, 429, 503))
+@app.get("/users/me", summary="The logged-in user", responses=error_responses(401, 429, 503))
 async def read_me(user: PlanLimitedUser) -> UserOut:
     return UserOut(username=user.username, full_name=user.full_name, plan=user.plan)
 
 
-@app.get("/rate-limit-status", summary="Your plan and what is left of each limit", responses=errors(401, 503))
+@app.get(
+    "/rate-limit-status",
+    summary="Your plan and what is left of each limit",
+    responses=error_responses(401, 503),
+)
 async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
     """Reads every plan-limited endpoint's window without consuming from it."""
     limit = PLAN_LIMITS[user.plan]
-    states = await asyncio.gather(*(window_state(limit, user.username, path) for path in PLAN_LIMITED_PATHS))
+    windows = [CountedWindow(user.plan.value, limit, user.username, path) for path in PLAN_LIMITED_PATHS]
+    states = await asyncio.gather(*(window_state(window) for window in windows))
     endpoints = {
         path: EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
         for path, state in zip(PLAN_LIMITED_PATHS, states, strict=True)
@@ -1033,7 +1302,7 @@ class HealthOut(BaseModel):
     store: Literal["redis", "embedded"]
 
 
-@app.get("/health", summary="Liveness and store reachability", responses=errors(503))
+@app.get("/health", summary="Liveness and store reachability", responses=error_responses(503))
 async def health() -> HealthOut:
     """200 when the store answers, 503 when it does not. Never rate-limited."""
     await store.ping()
