@@ -23,6 +23,7 @@ import jwt
 import limits.aio.storage.redis.redispy
 import pytest
 import redis
+from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -860,6 +861,261 @@ def test_access_log_never_shows_a_query_string(query: str) -> None:
     )
     main.SafeRequestLines().filter(record)
     assert record.getMessage() == '1.2.3.4 - "GET /is_token_revoked?[redacted] HTTP/1.1" 200'
+
+
+# --- OAuth2 clients and standards ---
+
+NO_STORE = {"cache-control": "no-store", "pragma": "no-cache"}
+
+
+def no_store_headers(r: Any) -> dict[str, str]:
+    return {name: r.headers.get(name) for name in NO_STORE}
+
+
+def test_token_endpoint_refresh_grant_as_a_form_rotates_the_pair(client: TestClient) -> None:
+    tokens = login(client)
+    form = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "client_id": "cli"}
+    r = client.post("/token", data=form)
+    assert r.status_code == 200, r.text
+    assert no_store_headers(r) == NO_STORE
+    new = r.json()
+    assert main.decode_token(new["refresh_token"]).sid == main.decode_token(tokens["refresh_token"]).sid
+    assert client.get("/users/me", headers=bearer(new["access_token"])).status_code == 200
+
+
+def test_token_endpoint_refresh_grant_detects_reuse_like_refresh(client: TestClient) -> None:
+    stolen = login(client)["refresh_token"]
+    grant = {"grant_type": "refresh_token", "refresh_token": stolen}
+    rotated = client.post("/token", json=grant).json()
+    r = client.post("/token", data=grant)
+    assert r.status_code == 401, r.text
+    assert r.json() == oauth2_error("Refresh token has been revoked", "invalid_grant")
+    assert client.get("/users/me", headers=bearer(rotated["access_token"])).status_code == 401
+
+
+def test_refresh_accepts_the_rfc6749_form(client: TestClient) -> None:
+    form = {"grant_type": "refresh_token", "refresh_token": login(client)["refresh_token"]}
+    r = client.post("/refresh", data=form)
+    assert r.status_code == 200, r.text
+    assert no_store_headers(r) == NO_STORE
+    assert set(r.json()) == {"access_token", "refresh_token", "token_type", "expires_in"}
+
+
+def test_login_response_is_not_cached(client: TestClient) -> None:
+    r = client.post(
+        "/token", data={"grant_type": "password", "username": "jane_doe", "password": "password456"}
+    )
+    assert r.status_code == 200, r.text
+    assert no_store_headers(r) == NO_STORE
+
+
+@pytest.mark.parametrize("grant_type", ["authorization_code", "client_credentials", "PASSWORD", ""])
+def test_token_endpoint_refuses_other_grant_types(client: TestClient, grant_type: str) -> None:
+    r = client.post(
+        "/token", data={"grant_type": grant_type, "username": "jane_doe", "password": "password456"}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json() == oauth2_error("grant_type must be password or refresh_token", "unsupported_grant_type")
+    assert no_store_headers(r) == NO_STORE
+
+
+def test_refresh_refuses_another_grant_type(client: TestClient) -> None:
+    r = client.post(
+        "/refresh", data={"grant_type": "password", "refresh_token": login(client)["refresh_token"]}
+    )
+    assert r.status_code == 422, r.text
+    assert [error["loc"] for error in r.json()["detail"]] == [["grant_type"]]
+
+
+def test_a_form_field_sent_twice_is_refused(client: TestClient) -> None:
+    body = "username=john_doe&username=jane_doe&password=password456"
+    r = client.post("/token", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400, r.text
+    assert r.json() == oauth2_error("A form field appears more than once", "invalid_request")
+
+
+@pytest.mark.parametrize("hint", ["access_token", "refresh_token", "no_such_hint", None])
+def test_revoke_takes_the_rfc7009_form_whatever_the_hint(client: TestClient, hint: str | None) -> None:
+    token = login(client)["access_token"]
+    form = {"token": token} if hint is None else {"token": token, "token_type_hint": hint}
+    r = client.post("/revoke", data=form)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"revoked": True}
+    assert client.get("/users/me", headers=bearer(token)).status_code == 401
+
+
+def test_revoke_with_a_wrong_hint_still_revokes_a_refresh_tokens_session(client: TestClient) -> None:
+    tokens = login(client)
+    r = client.post("/revoke", data={"token": tokens["refresh_token"], "token_type_hint": "access_token"})
+    assert r.json() == {"revoked": True}
+    assert client.get("/users/me", headers=bearer(tokens["access_token"])).status_code == 401
+
+
+def test_introspect_a_live_access_token(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    claims = main.decode_token(token)
+    r = client.post("/introspect", data={"token": token, "token_type_hint": "access_token"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "active": True,
+        "token_type": "access_token",
+        "sub": "jane_doe",
+        "username": "jane_doe",
+        "exp": claims.exp,
+        "iat": claims.iat,
+        "jti": claims.jti,
+    }
+    assert no_store_headers(r) == NO_STORE
+    assert r.headers["x-ratelimit-limit"] == "20"
+
+
+def test_introspect_a_live_refresh_token_as_json(client: TestClient) -> None:
+    token = login(client, "john_doe")["refresh_token"]
+    r = client.post("/introspect", json={"token": token})
+    assert r.status_code == 200, r.text
+    assert (r.json()["active"], r.json()["token_type"], r.json()["sub"]) == (
+        True,
+        "refresh_token",
+        "john_doe",
+    )
+
+
+def used_up_refresh_token(client: TestClient) -> str:
+    token = login(client)["refresh_token"]
+    assert client.post("/refresh", json={"refresh_token": token}).status_code == 200
+    return token
+
+
+def logged_out_access_token(client: TestClient) -> str:
+    token = login(client)["access_token"]
+    assert client.post("/logout", headers=bearer(token)).status_code == 200
+    return token
+
+
+@pytest.mark.parametrize(
+    "token_of",
+    [
+        lambda client: mint(now=time.time() - 3600),
+        logged_out_access_token,
+        used_up_refresh_token,
+        lambda client: jwt.encode({"sub": "jane_doe"}, "x" * 32, algorithm="HS256"),
+        lambda client: mint(username="ghost"),
+        lambda client: "garbage",
+    ],
+    ids=["expired", "revoked", "used-up-refresh", "foreign", "unknown-user", "garbage"],
+)
+def test_introspect_anything_else_is_exactly_inactive(
+    client: TestClient, token_of: Callable[[TestClient], str]
+) -> None:
+    r = client.post("/introspect", data={"token": token_of(client)})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"active": False}
+
+
+def test_introspect_is_limited_per_ip(client: TestClient) -> None:
+    statuses = [client.post("/introspect", data={"token": "x"}).status_code for _ in range(21)]
+    assert statuses == [200] * 20 + [429]
+
+
+def test_server_metadata_names_the_endpoints(client: TestClient) -> None:
+    r = client.get("/.well-known/oauth-authorization-server")
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "issuer": "http://testserver",
+        "token_endpoint": "http://testserver/token",
+        "revocation_endpoint": "http://testserver/revoke",
+        "introspection_endpoint": "http://testserver/introspect",
+        "grant_types_supported": ["password", "refresh_token"],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint_auth_methods_supported": ["none"],
+    }
+
+
+def ietf_headers(r: Any) -> dict[str, str]:
+    return {name: r.headers[name] for name in ("ratelimit-policy", "ratelimit")}
+
+
+def test_counted_call_sends_the_ietf_ratelimit_fields(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    r = client.get("/plan-limited-endpoint", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert ietf_headers(r) == {"ratelimit-policy": '"free";q=2;w=60', "ratelimit": '"free";r=1;t=61'}
+
+
+def test_429_sends_ratelimit_with_no_calls_left_and_retry_after_to_match(
+    client: TestClient, clock: FakeClock
+) -> None:
+    token = login(client)["access_token"]
+    assert call_statuses(client, token, 2) == [200, 200]
+    clock.now += 10
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 429, r.text
+    assert ietf_headers(r) == {"ratelimit-policy": '"free";q=2;w=60', "ratelimit": '"free";r=0;t=51'}
+    assert r.headers["retry-after"] == "51"
+
+
+def test_login_lists_both_policies_and_reports_the_nearest_exhaustion(
+    client: TestClient, clock: FakeClock
+) -> None:
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 200, r.text
+    assert ietf_headers(r) == {
+        "ratelimit-policy": '"ip";q=20;w=60, "ip+username";q=5;w=60',
+        "ratelimit": '"ip+username";r=4;t=61',
+    }
+    assert (r.headers["x-ratelimit-limit"], r.headers["x-ratelimit-remaining"]) == ("5", "4")
+
+
+@pytest.mark.parametrize(
+    ("failed_call", "policy", "left"),
+    [
+        (
+            lambda client: client.post("/token", json={"username": "jane_doe", "password": "x"}),
+            "ip+username",
+            4,
+        ),
+        (
+            lambda client: client.post("/refresh", json={"refresh_token": used_up_refresh_token(client)}),
+            "ip",
+            18,
+        ),
+        (lambda client: client.get("/is_token_revoked", params={"token": "garbage"}), "ip", 19),
+    ],
+    ids=["wrong-password", "stale-refresh-token", "garbage-token"],
+)
+def test_a_counted_failure_still_says_what_is_left(
+    client: TestClient, clock: FakeClock, failed_call: Callable[[TestClient], Any], policy: str, left: int
+) -> None:
+    r = failed_call(client)
+    assert r.status_code == 401, r.text
+    assert r.headers["x-ratelimit-remaining"] == str(left)
+    assert r.headers["ratelimit"] == f'"{policy}";r={left};t=61'
+
+
+def test_authlib_drives_the_whole_oauth2_flow(client: TestClient) -> None:
+    """A real OAuth2 client library, not written here: discovery, password login, a call, refresh
+    at the token endpoint, introspection, revocation, and a failed login raised as invalid_grant."""
+    oauth = OAuth2Client(client_id="demo-cli", transport=client._transport, base_url="http://testserver")
+    metadata = client.get("/.well-known/oauth-authorization-server").json()
+    first = oauth.fetch_token(metadata["token_endpoint"], username="john_doe", password="password123")
+    assert oauth.get("/users/me").json()["username"] == "john_doe"
+    second = oauth.refresh_token(metadata["token_endpoint"])
+    assert second["access_token"] != first["access_token"]
+    assert oauth.get("/users/me").status_code == 200
+    active = oauth.introspect_token(metadata["introspection_endpoint"], token=second["access_token"])
+    assert (active.json()["active"], active.json()["token_type"]) == (True, "access_token")
+    revoked = oauth.revoke_token(metadata["revocation_endpoint"], token=second["refresh_token"])
+    assert revoked.json() == {"revoked": True}
+    after = oauth.introspect_token(metadata["introspection_endpoint"], token=second["access_token"])
+    assert after.json() == {"active": False}
+    with pytest.raises(OAuthError) as failed:
+        oauth.fetch_token(metadata["token_endpoint"], username="john_doe", password="wrong")
+    assert (failed.value.error, failed.value.description) == (
+        "invalid_grant",
+        "Incorrect username or password",
+    )
 
 
 # --- Hostile input ---
