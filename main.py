@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
@@ -28,7 +29,6 @@ import fakeredis
 import jwt
 import limits
 import limits.aio.storage
-import limits.aio.strategies
 import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
@@ -47,7 +47,7 @@ from pydantic import (
     model_validator,
 )
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from starlette.datastructures import Headers
@@ -417,6 +417,9 @@ async def remove_expired_revocations(now: float) -> int:
 # headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
 # Retry-After that can be a second early; rate_limit_headers() below writes exact ones.
 T = TypeVar("T")
+Window = tuple[float, int]  # a moving window's oldest hit (epoch seconds) and its number of hits
+# The windows that this request's counts read, by key: count_call() gives each request its own.
+windows_read: ContextVar[dict[str, Window]] = ContextVar("windows_read")
 
 
 class _Bridged(greenlet):
@@ -464,7 +467,34 @@ class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupp
         return self.storage.base_exceptions
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
-        return await_only(self.storage.acquire_entry(key, limit, expiry, amount))
+        # The window's state after the count comes back in the same round trip, for the headers.
+        acquired, windows_read.get()[key] = await_only(self.count_and_read(key, limit, expiry, amount))
+        return acquired
+
+    async def count_and_read(self, key: str, limit: int, expiry: int, amount: int) -> tuple[bool, Window]:
+        """What the async storage's acquire_entry() and get_moving_window() do, in one round trip:
+        the same two Lua scripts of `limits`, count then read, sent together."""
+        scripts, now = self.storage.bridge, time.time()
+        redis_key = scripts.prefixed_key(key)
+        async with store.pipeline(transaction=False) as pipe:
+            pipe.evalsha(scripts.lua_acquire_moving_window.sha, 1, redis_key, now, limit, expiry, amount)
+            pipe.evalsha(scripts.lua_moving_window.sha, 1, redis_key, now - expiry, limit)
+            acquired, window = await pipe.execute(raise_on_error=False)
+        # A Redis that restarted has lost the scripts: what missed runs again through `limits`,
+        # which loads them. (If the count ran, only the read is redone, so nothing counts twice.)
+        if isinstance(acquired, NoScriptError):
+            return await self.storage.acquire_entry(key, limit, expiry, amount), await self.read(
+                key, limit, expiry
+            )
+        if isinstance(window, NoScriptError):
+            return bool(acquired), await self.read(key, limit, expiry)
+        for result in (acquired, window):
+            if isinstance(result, Exception):
+                raise result
+        return bool(acquired), (float(window[0]), int(window[1])) if window else (now, 0)
+
+    async def read(self, key: str, limit: int, expiry: int) -> Window:
+        return await self.storage.get_moving_window(key, limit, expiry)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         return await_only(self.storage.get_moving_window(key, limit, expiry))
@@ -511,7 +541,6 @@ limiter = Limiter(
     storage_options={"storage": limits_storage},
     headers_enabled=False,
 )
-window_reader = limits.aio.strategies.MovingWindowRateLimiter(limits_storage)
 
 TIMESTAMP_TOLERANCE = 0.001  # seconds
 
@@ -548,15 +577,18 @@ class WindowState:
         return math.floor(self.reset - now + TIMESTAMP_TOLERANCE) + 1
 
 
-async def window_state(window: CountedWindow) -> WindowState:
-    """Read a moving window without consuming from it."""
-    stats = await window_reader.get_window_stats(window.limit, window.key, window.path)
+async def window_state(window: CountedWindow, read: dict[str, Window] | None = None) -> WindowState:
+    """A moving window's state: as a count just read it, or read now without consuming from it."""
+    key, seconds = window.limit.key_for(window.key, window.path), window.limit.get_expiry()
+    oldest_hit, hits = (read or {}).get(key) or await limits_storage.get_moving_window(
+        key, window.limit.amount, seconds
+    )
     return WindowState(
         policy=window.policy,
         limit=window.limit.amount,
-        window_seconds=window.limit.get_expiry(),
-        remaining=stats.remaining,
-        reset=stats.reset_time,
+        window_seconds=seconds,
+        remaining=max(0, window.limit.amount - hits),
+        reset=oldest_hit + seconds,
     )
 
 
@@ -568,7 +600,8 @@ async def rate_limit_headers(
     X-RateLimit-* and the IETF RateLimit field (draft-ietf-httpapi-ratelimit-headers) speak for the
     window nearest exhaustion; RateLimit-Policy lists every limit that counted the call.
     """
-    states = [await window_state(window) for window in windows]
+    read = windows_read.get()
+    states = [await window_state(window, read) for window in windows]
     nearest = min(states, key=lambda state: (state.remaining, -state.reset))
     seconds_left = nearest.whole_seconds_after(time.time())
     headers = {
@@ -592,6 +625,7 @@ async def count_call(
     Raises RateLimitExceeded when the call is over a limit.
     """
     request.state.counted_windows = windows  # for the 429's headers
+    windows_read.set({})
     await greenlet_spawn(count, request)
     request.state.rate_limit_headers = await rate_limit_headers(windows)
     response.headers.update(request.state.rate_limit_headers)

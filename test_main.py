@@ -597,28 +597,29 @@ def connections_in_use() -> set[Any]:
 def test_counting_touches_redis_only_from_the_event_loops_thread(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: list[threading.Thread] = []
-    acquire = main.limits_storage.acquire_entry
-
-    async def spy(*args: Any, **kwargs: Any) -> bool:
-        threads.append(threading.current_thread())
-        return await acquire(*args, **kwargs)
-
-    monkeypatch.setattr(main.limits_storage, "acquire_entry", spy)
     token = login(client)["access_token"]
+    threads: list[threading.Thread] = []
+    connection_class = main.store.connection_pool.connection_class
+    send = connection_class.send_packed_command
+
+    async def spy(self: Any, *args: Any, **kwargs: Any) -> None:
+        threads.append(threading.current_thread())
+        await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(connection_class, "send_packed_command", spy)
     assert call_statuses(client, token, 3) == [200, 200, 429]
     loop_thread = client.portal.call(threading.current_thread)
-    assert len(threads) == 5  # the login's two limits, then three calls
+    assert len(threads) == 6  # each call: the revocation check, then the count and window read
     assert set(threads) == {loop_thread}
 
 
 def test_redis_error_inside_a_count_is_a_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     token = login(client)["access_token"]
 
-    async def unreachable(*args: Any, **kwargs: Any) -> bool:
+    async def unreachable(*args: Any, **kwargs: Any) -> tuple[bool, main.Window]:
         raise RedisConnectionError("Connection refused")
 
-    monkeypatch.setattr(main.limits_storage, "acquire_entry", unreachable)
+    monkeypatch.setattr(main.AsyncBridgeStorage, "count_and_read", unreachable)
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 503, r.text
     assert r.json() == STORE_DOWN
@@ -659,6 +660,22 @@ def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
     stalling = False
     r = client.get("/health")
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("scripts_left", [[], ["lua_acquire_moving_window"], ["lua_moving_window"]])
+def test_counts_stay_exact_when_redis_has_lost_its_scripts(
+    client: TestClient, clock: FakeClock, scripts_left: list[str]
+) -> None:
+    """After a Redis restart the count's Lua scripts are gone: each is loaded again, and a count
+    that did run is not run twice."""
+    token = login(client)["access_token"]
+    client.portal.call(main.store.script_flush)
+    for name in scripts_left:
+        client.portal.call(main.store.script_load, getattr(main.limits_storage.bridge, name).script)
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-ratelimit-remaining"], r.headers["ratelimit"]) == ("1", '"free";r=1;t=61')
+    assert call_statuses(client, token, 2) == [200, 429]
 
 
 # --- Refresh ---
@@ -1715,5 +1732,5 @@ def test_outage_answers_503_then_recovers(tmp_path: Path) -> None:
             after = httpx.get(f"{base}/users/me", headers=headers)
     finally:
         server.stop()
-    assert [(r.status_code, r.json()) for r in during] == [(503, STORE_DOWN)] * 4
+    assert [(r.status_code, r.json()["detail"]) for r in during] == [(503, STORE_DOWN["detail"])] * 4
     assert after.status_code == 200, after.text
