@@ -1,10 +1,10 @@
 """JWT login, per-plan rate limits with SlowAPI, and token revocation on Redis, in one FastAPI file.
 
 Read it top to bottom: settings, users and plans, passwords, tokens, the revocation store, rate
-limits, the app with its cleanup task, then the endpoints. Run it with `uvicorn main:app`: with no
-REDIS_URI set it keeps its state in an embedded, in-process fake Redis; set REDIS_URI (and
-SECRET_KEY) to share state between workers. Modelled on FastAPI's security tutorial and SlowAPI's
-docs.
+limits, request models and dependencies, the app with its cleanup task, then the endpoints. Run it
+with `uvicorn main:app`: with no REDIS_URI set it keeps its state in an embedded, in-process fake
+Redis; set REDIS_URI and SECRET_KEY to share state between workers. Modelled on FastAPI's security
+tutorial and SlowAPI's docs; speaks OAuth2 (RFC 6749, 7009, 7662, 8414) to standard clients.
 """
 
 import asyncio
