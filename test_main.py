@@ -944,6 +944,12 @@ def test_refresh_refuses_another_grant_type(client: TestClient) -> None:
     assert [error["loc"] for error in r.json()["detail"]] == [["grant_type"]]
 
 
+def test_a_form_field_this_app_does_not_read_may_appear_twice(client: TestClient) -> None:
+    body = "username=jane_doe&password=password456&scope=a&scope=b"
+    r = client.post("/token", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+
+
 def test_a_form_field_sent_twice_is_refused(client: TestClient) -> None:
     body = "username=john_doe&username=jane_doe&password=password456"
     r = client.post("/token", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
