@@ -28,6 +28,14 @@ cov: install
 test-redis: install
     .ci/with-redis {{ venv }}/bin/python -m pytest
 
+# Run the tests against a throwaway local 3-master Redis Cluster (needs redis-server and redis-cli)
+test-cluster: install
+    .ci/with-cluster {{ venv }}/bin/python -m pytest
+
+# Run the tests against a throwaway primary, replica and three Sentinels (needs redis-server and redis-cli)
+test-sentinel: install
+    .ci/with-sentinel {{ venv }}/bin/python -m pytest
+
 # Lint: ruff, hadolint on the Dockerfile, and the compose file against its schema
 lint: install
     {{ venv }}/bin/pip install -q -r .ci/tools.txt

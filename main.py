@@ -16,6 +16,7 @@ import os
 import secrets
 import time
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -28,7 +29,6 @@ import bcrypt
 import fakeredis
 import jwt
 import limits
-import limits.aio.storage
 import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
@@ -46,8 +46,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from redis.asyncio.cluster import ClusterNode
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from starlette.datastructures import Headers
@@ -67,6 +68,31 @@ MINUTES_PER_YEAR = 365 * 24 * 60
 # A moving window keeps one Redis entry per call it counts: past this many, memory gives out first.
 MAX_CALLS_PER_WINDOW = 10_000_000
 GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
+SINGLE_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SENTINEL_SCHEME, CLUSTER_SCHEME = "redis+sentinel://", "redis+cluster://"  # the forms `limits` documents
+BAD_REDIS_URI = "is not a URL that redis-py accepts (check hosts, ports, database, options)"
+
+
+@dataclass(frozen=True)
+class RedisNodes:
+    """What a redis+sentinel:// or redis+cluster:// URI names: several hosts and one password."""
+
+    hosts: list[tuple[str, int]]
+    password: str | None
+    service: str  # the Sentinel's name for the primary; empty for a cluster
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "RedisNodes":
+        """Raises ValueError for anything but `scheme://[:password@]host:port,host:port[/service]`."""
+        parts = urllib.parse.urlsplit(uri)
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        nodes = [node.rpartition(":") for node in hosts.split(",")]
+        if any(not host or not port.isdigit() or not 0 < int(port) < 65536 for host, _, port in nodes):
+            raise ValueError("every host needs a port")
+        password = urllib.parse.unquote(credentials.partition(":")[2]) or None
+        return cls(
+            [(host.strip("[]"), int(port)) for host, _, port in nodes], password, parts.path.strip("/")
+        )
 
 
 class Settings(BaseModel):
@@ -91,17 +117,32 @@ class Settings(BaseModel):
     def _usable_redis_uri(cls, value: str) -> str:
         if not value:
             return value
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty)")
+        if not value.startswith((*SINGLE_REDIS_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
+            )
+        if not value.isascii():
+            raise ValueError(BAD_REDIS_URI)
+        # `from None` below: redis-py's messages may hold the password.
+        if value.startswith((SENTINEL_SCHEME, CLUSTER_SCHEME)):
+            try:
+                nodes = RedisNodes.from_uri(value)
+            except ValueError:
+                raise ValueError(BAD_REDIS_URI) from None
+            if value.startswith(SENTINEL_SCHEME) and not nodes.service:
+                raise ValueError("needs the service after the hosts, like redis+sentinel://h:26379/mymaster")
+            if value.startswith(CLUSTER_SCHEME) and nodes.service:
+                raise ValueError("takes hosts only, like redis+cluster://h1:7000,h2:7001")
+            return value
         database = urllib.parse.urlsplit(value).path.strip("/") if not value.startswith("unix:") else ""
-        if not value.isascii() or (database and not database.isdigit()):
-            raise ValueError("is not a URL that redis-py accepts (check port, database, options)")
+        if database and not database.isdigit():
+            raise ValueError(BAD_REDIS_URI)
         try:
             # Building a connection object (it does not connect) checks every part that redis-py
-            # reads: host, port, database and options. `from None`: its message may hold a password.
+            # reads: host, port, database and options.
             redis.asyncio.ConnectionPool.from_url(value).make_connection()
         except (ValueError, TypeError, RedisError):
-            raise ValueError("is not a URL that redis-py accepts (check port, database, options)") from None
+            raise ValueError(BAD_REDIS_URI) from None
         return value
 
     @field_validator("secret_key")
@@ -329,22 +370,50 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 # --- Revocation store ---
 
 # Two structures, both sized by what is revoked or alive, never by traffic:
-# - "revoked", a sorted set. Member: a revoked access token's jti or a revoked session's sid.
+# - "revoked:<n>", sorted sets. Member: a revoked access token's jti or a revoked session's sid.
 #   Score: the epoch second after which nothing it blocks could be used anyway. Cleanup removes
 #   entries by score, so it can never un-revoke a token that is still alive.
 # - "refresh:<sid>", one string per live session: the jti of the session's one valid refresh
 #   token, expiring with it. Refreshing overwrites it, which revokes every older refresh token of
 #   the session at once (rotation), and makes presenting one of them detectable (reuse).
-REVOKED_KEY = "revoked"
+REVOKED_KEY_PREFIX = "revoked:"
+# A cluster places each key on one node: a single sorted set would send every revocation check to
+# the same node. A session's entries go to one of these sets by its id, its access tokens' with
+# its own, so one ZMSCORE still answers a check. Changing the number strands existing entries in
+# the wrong set: they would no longer be found (revoke again, or wait for them to expire).
+REVOKED_SETS = 16
 REFRESH_KEY_PREFIX = "refresh:"
 # Fail fast while Redis is down: one immediate retry replaces a connection that went stale (after
-# a Redis restart, say); past that the request gets a 503 instead of waiting on backoff.
-REDIS_TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}
+# a Redis restart or a failover, say); past that the request gets a 503 instead of waiting.
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 2,
+    "socket_connect_timeout": 2,
+    "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
+}
+# A redis-py cluster error (slots not covered, a node down) is not a RedisError.
+STORE_ERRORS = (RedisError, RedisClusterException)
+# A store with replicas acknowledges a revocation only once a replica has it (see durably()).
+REPLICAS_TO_CONFIRM = 1 if settings.redis_uri.startswith(SENTINEL_SCHEME) else 0
+REPLICA_WAIT_MS = 500
+
+
+def redis_client(uri: str) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """The store's client for REDIS_URI. It connects on first use, not here."""
+    if uri.startswith(SENTINEL_SCHEME):
+        nodes = RedisNodes.from_uri(uri)
+        sentinels = redis.asyncio.Sentinel(nodes.hosts, sentinel_kwargs={"socket_timeout": 2})
+        return sentinels.master_for(nodes.service, password=nodes.password, **REDIS_OPTIONS)
+    if uri.startswith(CLUSTER_SCHEME):
+        nodes = RedisNodes.from_uri(uri)
+        startup_nodes = [ClusterNode(host, port) for host, port in nodes.hosts]
+        return redis.asyncio.RedisCluster(
+            startup_nodes=startup_nodes, password=nodes.password, **REDIS_OPTIONS
+        )
+    return redis.asyncio.from_url(uri, **REDIS_OPTIONS)
+
 
 if settings.redis_uri:
-    store: redis.asyncio.Redis = redis.asyncio.from_url(
-        settings.redis_uri, retry=redis.asyncio.retry.Retry(NoBackoff(), 1), **REDIS_TIMEOUTS
-    )
+    store = redis_client(settings.redis_uri)
 else:
     embedded_server = fakeredis.FakeServer()
     store = fakeredis.FakeAsyncRedis(server=embedded_server)
@@ -380,29 +449,53 @@ async def rotate_refresh_token(presented: TokenClaims, successor: TokenClaims) -
     return bool(await ROTATE_REFRESH_TOKEN(keys=[key], args=[presented.jti, successor.jti, successor.exp]))
 
 
+def revoked_key(session_id: str) -> str:
+    return f"{REVOKED_KEY_PREFIX}{zlib.crc32(session_id.encode()) % REVOKED_SETS}"
+
+
+class NotReplicated(RedisError):
+    """No replica confirmed a revocation in time: a failover now could undo it."""
+
+
+async def durably(pipe: Any) -> None:
+    """Run a pipeline of revocation writes. Redis replicates asynchronously, so with replicas
+    (Sentinel) wait until one has them: a revocation acknowledged only by a primary that then
+    died would be lost with it. Fails closed: NotReplicated is a 503, and the client retries."""
+    if REPLICAS_TO_CONFIRM:
+        pipe.execute_command("WAIT", REPLICAS_TO_CONFIRM, REPLICA_WAIT_MS)  # on the writes' connection
+    results = await pipe.execute()
+    if REPLICAS_TO_CONFIRM and results[-1] < REPLICAS_TO_CONFIRM:
+        raise NotReplicated(f"no replica confirmed a revocation within {REPLICA_WAIT_MS} ms")
+
+
 async def revoke_access_token(claims: TokenClaims) -> None:
-    # GT: revoking again may lengthen an entry, never shorten it.
-    await store.zadd(REVOKED_KEY, {claims.jti: claims.exp}, gt=True)
+    async with store.pipeline(transaction=False) as pipe:
+        # GT: revoking again may lengthen an entry, never shorten it.
+        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp}, gt=True)
+        await durably(pipe)
 
 
 async def revoke_session(session_id: str, now: float) -> None:
     """Revoke every token of a login: its access tokens by sid, its refresh token by deletion."""
     async with store.pipeline(transaction=False) as pipe:
-        pipe.zadd(REVOKED_KEY, {session_id: session_revocation_deadline(now)}, gt=True)
+        pipe.zadd(revoked_key(session_id), {session_id: session_revocation_deadline(now)}, gt=True)
         pipe.delete(refresh_key(session_id))
-        await pipe.execute()
+        await durably(pipe)
 
 
 async def is_revoked(claims: TokenClaims) -> bool:
     if claims.type == "refresh":
         return await store.get(refresh_key(claims.sid)) != claims.jti.encode()
-    token_until, session_until = await store.zmscore(REVOKED_KEY, [claims.jti, claims.sid])
+    token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
 
 
 async def remove_expired_revocations(now: float) -> int:
-    """Drop entries whose tokens have all expired; returns how many were removed."""
-    return await store.zremrangebyscore(REVOKED_KEY, "-inf", f"({int(now)}")
+    """Drop entries whose tokens have all expired, from every set; returns how many were removed."""
+    async with store.pipeline(transaction=False) as pipe:
+        for n in range(REVOKED_SETS):
+            pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")
+        return sum(await pipe.execute())
 
 
 # --- Rate limits ---
@@ -448,74 +541,77 @@ def await_only(awaitable: Awaitable[T]) -> T:
     return current.parent.switch(awaitable)  # type: ignore[no-any-return]
 
 
+# `limits`' own moving-window scripts, run on the store's one client, whatever its topology.
+COUNT_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
+WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_WINDOW)
+LIMITS_KEY_PREFIX = "LIMITS:"  # as `limits` names its keys
+
+
+async def read_window(key: str, limit: int, expiry: int) -> Window:
+    """A moving window's oldest hit and number of hits, without consuming from it."""
+    now = time.time()
+    window = await WINDOW_SCRIPT(keys=[LIMITS_KEY_PREFIX + key], args=[now - expiry, limit])
+    return (float(window[0]), int(window[1])) if window else (now, 0)
+
+
+async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tuple[bool, Window]:
+    """Count a hit if the window has room, then read the window: one round trip for both."""
+    redis_key, now = LIMITS_KEY_PREFIX + key, time.time()
+    # execute_command(): redis-py's cluster pipeline refuses pipe.evalsha(), though this one-key
+    # EVALSHA is routed like any command.
+    async with store.pipeline(transaction=False) as pipe:
+        pipe.execute_command("EVALSHA", COUNT_SCRIPT.sha, 1, redis_key, now, limit, expiry, amount)
+        pipe.execute_command("EVALSHA", WINDOW_SCRIPT.sha, 1, redis_key, now - expiry, limit)
+        acquired, window = await pipe.execute(raise_on_error=False)
+    # A Redis that restarted has lost the scripts; calling a script object loads it again. If the
+    # count did run, only the read is redone, so nothing counts twice.
+    if isinstance(acquired, NoScriptError):
+        acquired = await COUNT_SCRIPT(keys=[redis_key], args=[now, limit, expiry, amount])
+        return bool(acquired), await read_window(key, limit, expiry)
+    if isinstance(window, NoScriptError):
+        return bool(acquired), await read_window(key, limit, expiry)
+    for result in (acquired, window):
+        if isinstance(result, Exception):
+            raise result
+    return bool(acquired), (float(window[0]), int(window[1])) if window else (now, 0)
+
+
 class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupport):
-    """The sync `limits` storage that SlowAPI counts with, doing its I/O through an async one.
+    """The sync `limits` storage that SlowAPI counts with; its I/O is awaited on the loop.
 
     `limits` registers it under its URI scheme, so SlowAPI builds it from its public settings:
-    Limiter(storage_uri="async-bridge://", storage_options={"storage": ...}). The moving window
-    calls only acquire_entry(); the other methods are abstract in Storage, so they forward too.
+    Limiter(storage_uri="async-bridge://"). SlowAPI's moving window calls only acquire_entry();
+    the rest serve strategies this app does not use, but are abstract in Storage.
     """
 
     STORAGE_SCHEME = ["async-bridge"]  # noqa: RUF012 (a list, as limits declares it)
-
-    def __init__(self, uri: str, *, storage: limits.aio.storage.RedisStorage) -> None:
-        super().__init__(uri)
-        self.storage = storage
-
-    @property
-    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
-        return self.storage.base_exceptions
+    base_exceptions = STORE_ERRORS
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         # The window's state after the count comes back in the same round trip, for the headers.
-        acquired, windows_read.get()[key] = await_only(self.count_and_read(key, limit, expiry, amount))
+        acquired, windows_read.get()[key] = await_only(count_and_read(key, limit, expiry, amount))
         return acquired
 
-    async def count_and_read(self, key: str, limit: int, expiry: int, amount: int) -> tuple[bool, Window]:
-        """What the async storage's acquire_entry() and get_moving_window() do, in one round trip:
-        the same two Lua scripts of `limits`, count then read, sent together."""
-        scripts, now = self.storage.bridge, time.time()
-        redis_key = scripts.prefixed_key(key)
-        async with store.pipeline(transaction=False) as pipe:
-            pipe.evalsha(scripts.lua_acquire_moving_window.sha, 1, redis_key, now, limit, expiry, amount)
-            pipe.evalsha(scripts.lua_moving_window.sha, 1, redis_key, now - expiry, limit)
-            acquired, window = await pipe.execute(raise_on_error=False)
-        # A Redis that restarted has lost the scripts: what missed runs again through `limits`,
-        # which loads them. (If the count ran, only the read is redone, so nothing counts twice.)
-        if isinstance(acquired, NoScriptError):
-            return await self.storage.acquire_entry(key, limit, expiry, amount), await self.read(
-                key, limit, expiry
-            )
-        if isinstance(window, NoScriptError):
-            return bool(acquired), await self.read(key, limit, expiry)
-        for result in (acquired, window):
-            if isinstance(result, Exception):
-                raise result
-        return bool(acquired), (float(window[0]), int(window[1])) if window else (now, 0)
-
-    async def read(self, key: str, limit: int, expiry: int) -> Window:
-        return await self.storage.get_moving_window(key, limit, expiry)
-
-    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        return await_only(self.storage.get_moving_window(key, limit, expiry))
-
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        return await_only(self.storage.incr(key, expiry, amount))
-
-    def get(self, key: str) -> int:
-        return await_only(self.storage.get(key))
-
-    def get_expiry(self, key: str) -> float:
-        return await_only(self.storage.get_expiry(key))
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> Window:
+        return await_only(read_window(key, limit, expiry))
 
     def check(self) -> bool:
-        return await_only(self.storage.check())
+        return bool(await_only(store.ping()))
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        raise NotImplementedError("fixed windows are not used here")
+
+    def get(self, key: str) -> int:
+        raise NotImplementedError("fixed windows are not used here")
+
+    def get_expiry(self, key: str) -> float:
+        raise NotImplementedError("fixed windows are not used here")
 
     def reset(self) -> int | None:
-        return await_only(self.storage.reset())
+        raise NotImplementedError("the store holds more than rate limits; clear it with Redis tools")
 
     def clear(self, key: str) -> None:
-        await_only(self.storage.clear(key))
+        raise NotImplementedError("fixed windows are not used here")
 
 
 def client_address(request: Request) -> str:
@@ -531,15 +627,8 @@ def client_address(request: Request) -> str:
     return str(address)
 
 
-limits_storage = limits.aio.storage.RedisStorage(
-    "async+redis://", implementation="redispy", connection_pool=store.connection_pool
-)
 limiter = Limiter(
-    key_func=client_address,
-    strategy="moving-window",
-    storage_uri="async-bridge://",
-    storage_options={"storage": limits_storage},
-    headers_enabled=False,
+    key_func=client_address, strategy="moving-window", storage_uri="async-bridge://", headers_enabled=False
 )
 
 TIMESTAMP_TOLERANCE = 0.001  # seconds
@@ -580,9 +669,7 @@ class WindowState:
 async def window_state(window: CountedWindow, read: dict[str, Window] | None = None) -> WindowState:
     """A moving window's state: as a count just read it, or read now without consuming from it."""
     key, seconds = window.limit.key_for(window.key, window.path), window.limit.get_expiry()
-    oldest_hit, hits = (read or {}).get(key) or await limits_storage.get_moving_window(
-        key, window.limit.amount, seconds
-    )
+    oldest_hit, hits = (read or {}).get(key) or await read_window(key, window.limit.amount, seconds)
     return WindowState(
         policy=window.policy,
         limit=window.limit.amount,
@@ -947,7 +1034,7 @@ async def cleanup_revocations_forever(interval: float, stopping: asyncio.Event) 
         await asyncio.sleep(interval)
         try:
             removed = await remove_expired_revocations(time.time())
-        except RedisError as exc:
+        except STORE_ERRORS as exc:
             # The store may be down for a while: try again next tick. (A cancellation that lands
             # inside a redis-py command can surface here as a ConnectionError; `stopping` ends
             # the loop then.)
@@ -973,7 +1060,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cleanup.cancel()
         await asyncio.gather(cleanup, return_exceptions=True)
         # Connections belong to this event loop; the next one (a new test client) opens its own.
-        await store.connection_pool.disconnect()
+        await store.aclose()
+        # Behind Sentinel, the client also holds one connection to each sentinel it asks.
+        sentinels = getattr(getattr(store, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in sentinels.sentinels if sentinels else []:
+            await sentinel.aclose()
 
 
 app = FastAPI(
@@ -986,7 +1077,8 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
 @app.exception_handler(RedisError)
-async def store_unavailable(request: Request, exc: RedisError) -> JSONResponse:
+@app.exception_handler(RedisClusterException)
+async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Fail closed: without the store, no token can be checked for revocation and no limit counted.
     logger.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
     return error_response(
@@ -1013,7 +1105,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     try:
         headers = await rate_limit_headers(request.state.counted_windows, retry_after=True)
-    except RedisError as store_error:
+    except STORE_ERRORS as store_error:
         return await store_unavailable(request, store_error)
     _, (key, scope) = request.state.view_rate_limit  # SlowAPI's note of the limit exceeded
     logger.warning("rate limit %s exceeded on %s by %r", exc.detail, scope, key)

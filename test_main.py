@@ -20,10 +20,11 @@ from typing import Any
 import bcrypt
 import httpx
 import jwt
-import limits.aio.storage.redis.redispy
 import pytest
 import redis
+import redis.asyncio
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
+from fakeredis._clients._async import FakeBaseAsyncConnection
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,13 +84,29 @@ def mint(
     return token
 
 
+CLUSTER = isinstance(main.store, redis.asyncio.RedisCluster)
+# What the store's connections are made of (a cluster's nodes use redis-py's plain one).
+STORE_CONNECTION_CLASS = redis.asyncio.Connection if CLUSTER else main.store.connection_pool.connection_class
+
+
+def store_keys(client: TestClient, pattern: str = "*") -> list[bytes]:
+    """KEYS, from every node of a cluster."""
+    target = {"target_nodes": redis.asyncio.RedisCluster.PRIMARIES} if CLUSTER else {}
+    return client.portal.call(lambda: main.store.keys(pattern, **target))
+
+
 def revoked_entries(client: TestClient) -> dict[bytes, float]:
-    return dict(client.portal.call(lambda: main.store.zrange(main.REVOKED_KEY, 0, -1, withscores=True)))
+    """Every entry of every revoked:<n> set."""
+    entries: dict[bytes, float] = {}
+    for n in range(main.REVOKED_SETS):
+        key = f"{main.REVOKED_KEY_PREFIX}{n}"
+        entries.update(client.portal.call(lambda key=key: main.store.zrange(key, 0, -1, withscores=True)))
+    return entries
 
 
 def session_records(client: TestClient) -> dict[bytes, bytes]:
     """The refresh:<sid> records: session key -> the jti of its valid refresh token."""
-    keys = client.portal.call(lambda: main.store.keys(main.REFRESH_KEY_PREFIX + "*"))
+    keys = store_keys(client, main.REFRESH_KEY_PREFIX + "*")
     return {key: client.portal.call(main.store.get, key) for key in keys}
 
 
@@ -115,7 +132,6 @@ class FakeClock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock(int(time.time()) + 0.25)  # a quarter past: no rounding edge in sight
     monkeypatch.setattr(main, "time", fake)
-    monkeypatch.setattr(limits.aio.storage.redis.redispy, "time", fake)  # where limits count and read
     return fake
 
 
@@ -224,7 +240,7 @@ def test_bad_settings_stop_the_app_with_a_message() -> None:
     assert result.returncode == 1
     assert result.stderr == (
         "Refusing to start; fix these environment variables:\n"
-        "  REDIS_URI: Value error, is not a URL that redis-py accepts (check port, database, options)\n"
+        f"  REDIS_URI: Value error, {main.BAD_REDIS_URI}\n"
         "  SECRET_KEY: Value error, must be at least 32 bytes for HS256\n"
         "  RATE_LIMIT_FREE: Value error, is not a single rate limit like '10/minute'\n"
     )
@@ -591,6 +607,8 @@ def live_bridged_greenlets() -> list[main._Bridged]:
 
 
 def connections_in_use() -> set[Any]:
+    if CLUSTER:
+        return {c for node in main.store.get_nodes() for c in node._connections if c not in node._free}
     return set(main.store.connection_pool._in_use_connections)
 
 
@@ -599,7 +617,7 @@ def test_counting_touches_redis_only_from_the_event_loops_thread(
 ) -> None:
     token = login(client)["access_token"]
     threads: list[threading.Thread] = []
-    connection_class = main.store.connection_pool.connection_class
+    connection_class = STORE_CONNECTION_CLASS
     send = connection_class.send_packed_command
 
     async def spy(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -619,7 +637,7 @@ def test_redis_error_inside_a_count_is_a_503(client: TestClient, monkeypatch: py
     async def unreachable(*args: Any, **kwargs: Any) -> tuple[bool, main.Window]:
         raise RedisConnectionError("Connection refused")
 
-    monkeypatch.setattr(main.AsyncBridgeStorage, "count_and_read", unreachable)
+    monkeypatch.setattr(main, "count_and_read", unreachable)
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 503, r.text
     assert r.json() == STORE_DOWN
@@ -633,9 +651,12 @@ def anonymous_request(ip: str = "198.51.100.7") -> Request:
 def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    connection_class = main.store.connection_pool.connection_class
+    connection_class = STORE_CONNECTION_CLASS
+    # Below read_response(), which closes the connection whatever stops a read, cancellation too.
+    fake = issubclass(connection_class, FakeBaseAsyncConnection)
+    reader = "_read_response" if fake else "_read_response_from_parser"
     stalled = asyncio.Event()
-    read = connection_class.read_response
+    read = getattr(connection_class, reader)
 
     async def stalling_read(self: Any, *args: Any, **kwargs: Any) -> Any:
         if stalling:
@@ -653,7 +674,7 @@ def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
 
     client.portal.call(main.ip_rate_limit, anonymous_request(), Response())  # the scripts are loaded
     stalling = True
-    monkeypatch.setattr(connection_class, "read_response", stalling_read)
+    monkeypatch.setattr(connection_class, reader, stalling_read)
     client.portal.call(cancel_mid_count)
     assert live_bridged_greenlets() == []
     assert connections_in_use() == set()
@@ -662,7 +683,7 @@ def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("scripts_left", [[], ["lua_acquire_moving_window"], ["lua_moving_window"]])
+@pytest.mark.parametrize("scripts_left", [[], ["COUNT_SCRIPT"], ["WINDOW_SCRIPT"]])
 def test_counts_stay_exact_when_redis_has_lost_its_scripts(
     client: TestClient, clock: FakeClock, scripts_left: list[str]
 ) -> None:
@@ -671,7 +692,7 @@ def test_counts_stay_exact_when_redis_has_lost_its_scripts(
     token = login(client)["access_token"]
     client.portal.call(main.store.script_flush)
     for name in scripts_left:
-        client.portal.call(main.store.script_load, getattr(main.limits_storage.bridge, name).script)
+        client.portal.call(main.store.script_load, getattr(main, name).script)
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 200, r.text
     assert (r.headers["x-ratelimit-remaining"], r.headers["ratelimit"]) == ("1", '"free";r=1;t=61')
@@ -1258,11 +1279,11 @@ def test_refused_login_creates_no_limit_key(client: TestClient) -> None:
     for n in range(20):  # the per-IP limit, each under a name of its own
         r = client.post("/token", json={"username": f"guess{n}", "password": "x"})
         assert r.status_code == 401, r.text
-    keys_before = set(client.portal.call(main.store.keys, "*"))
+    keys_before = set(store_keys(client))
     r = client.post("/token", json={"username": "one-more-name", "password": "x"})
     assert r.status_code == 429, r.text
     assert r.json() == oauth2_error("Rate limit exceeded: 20 per 1 minute", "temporarily_unavailable")
-    assert set(client.portal.call(main.store.keys, "*")) == keys_before
+    assert set(store_keys(client)) == keys_before
 
 
 @pytest.mark.parametrize("path", ["/token", "/refresh", "/revoke", "/introspect"])
@@ -1364,11 +1385,16 @@ def test_session_revocation_lives_until_its_access_tokens_expire(
 
 def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
     now = time.time()
-    entries = {"dead": int(now) - 1, "at-edge": int(now), "alive": int(now) + 60}
-    client.portal.call(lambda: main.store.zadd(main.REVOKED_KEY, entries))
+    for n in range(main.REVOKED_SETS):  # every set gets one of each
+        entries = {f"dead-{n}": int(now) - 1, f"at-edge-{n}": int(now), f"alive-{n}": int(now) + 60}
+        client.portal.call(
+            lambda n=n, entries=entries: main.store.zadd(f"{main.REVOKED_KEY_PREFIX}{n}", entries)
+        )
     removed = client.portal.call(main.remove_expired_revocations, now)
-    assert removed == 1
-    assert set(revoked_entries(client)) == {b"at-edge", b"alive"}
+    assert removed == main.REVOKED_SETS
+    assert set(revoked_entries(client)) == {
+        f"{kind}-{n}".encode() for kind in ("at-edge", "alive") for n in range(main.REVOKED_SETS)
+    }
 
 
 def test_cleanup_never_unrevokes_a_live_token(client: TestClient) -> None:
@@ -1666,10 +1692,22 @@ def http_login(base: str, username: str = "jane_doe") -> dict[str, Any]:
     return r.json()
 
 
+def sync_store(uri: str) -> redis.Redis | redis.RedisCluster:
+    """A blocking client for the topology that `uri` names, for tests that look into it."""
+    if uri.startswith(main.SENTINEL_SCHEME):
+        nodes = main.RedisNodes.from_uri(uri)
+        return redis.Sentinel(nodes.hosts).master_for(nodes.service, password=nodes.password)
+    if uri.startswith(main.CLUSTER_SCHEME):
+        nodes = main.RedisNodes.from_uri(uri)
+        startup_nodes = [redis.cluster.ClusterNode(host, port) for host, port in nodes.hosts]
+        return redis.RedisCluster(startup_nodes=startup_nodes, password=nodes.password)
+    return redis.Redis.from_url(uri)
+
+
 @pytest.fixture
 def shared_redis() -> Iterator[str]:
     """The suite's Redis (REDIS_URI), emptied before the test."""
-    redis.Redis.from_url(main.settings.redis_uri).flushdb()
+    sync_store(main.settings.redis_uri).flushdb()
     yield main.settings.redis_uri
 
 
@@ -1711,12 +1749,13 @@ def test_revoked_token_stays_revoked_across_restart(shared_redis: str) -> None:
 
 @REAL_REDIS
 def test_cleanup_task_removes_only_expired_entries(shared_redis: str) -> None:
-    client = redis.Redis.from_url(shared_redis)
+    client = sync_store(shared_redis)
     now = int(time.time())
-    client.zadd(main.REVOKED_KEY, {"expired": now - 1, "alive": now + 3600})
+    key = main.revoked_key("session-1")
+    client.zadd(key, {"expired": now - 1, "alive": now + 3600})
     with app_process(shared_redis, CLEANUP_INTERVAL_SECONDS="0.1"):
-        wait_until(lambda: client.zscore(main.REVOKED_KEY, "expired") is None, "the cleanup task")
-    assert client.zrange(main.REVOKED_KEY, 0, -1) == [b"alive"]
+        wait_until(lambda: client.zscore(key, "expired") is None, "the cleanup task")
+    assert client.zrange(key, 0, -1) == [b"alive"]
 
 
 @REAL_REDIS
