@@ -5,11 +5,13 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,10 +25,12 @@ import jwt
 import pytest
 import redis
 import redis.asyncio
+import redis.cluster
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fakeredis._clients._async import FakeBaseAsyncConnection
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -179,6 +183,11 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"redis_uri": "redis://localhost:6379/-1"}, "is not a URL that redis-py accepts"),
         ({"redis_uri": "redis://localhost:6379/abc"}, "is not a URL that redis-py accepts"),
         ({"redis_uri": "redis://:p\udcffw@localhost:6379/0"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis+sentinel://h1:26379,h2:26379"}, "needs the service after the hosts"),
+        ({"redis_uri": "redis+cluster://h1:7000,h2:7001/0"}, "takes hosts only"),
+        ({"redis_uri": "redis+cluster://h1,h2:7001"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis+cluster://h1:7000,:7001"}, "is not a URL that redis-py accepts"),
+        ({"redis_uri": "redis+sentinel://h1:99999/mymaster"}, "is not a URL that redis-py accepts"),
         (
             {"redis_uri": "rediss://localhost:6379/0?ssl_cert_reqs=bogus"},
             "is not a URL that redis-py accepts",
@@ -191,7 +200,16 @@ def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> Non
 
 
 @pytest.mark.parametrize(
-    "uri", [GOOD_URI, "rediss://:pw@redis.example:6380/1", "unix:///run/redis.sock?password=pw&db=2"]
+    "uri",
+    [
+        GOOD_URI,
+        "rediss://:pw@redis.example:6380/1",
+        "unix:///run/redis.sock?password=pw&db=2",
+        "redis+sentinel://h1:26379,h2:26379,h3:26379/mymaster",
+        "redis+sentinel://:pw@h1:26379/mymaster",
+        "redis+cluster://h1:7000,h2:7001,h3:7002",
+        "redis+cluster://:pw@[::1]:7000,10.0.0.2:7001",
+    ],
 )
 def test_settings_accept_redis_uris_with_their_key(uri: str) -> None:
     settings = main.Settings.model_validate({"redis_uri": uri, "secret_key": GOOD_SECRET})
@@ -215,6 +233,8 @@ def test_settings_treat_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch
             "hunter2",
         ),
         ({"redis_uri": "redis://:hunter2@localhost:port/0", "secret_key": GOOD_SECRET}, "hunter2"),
+        ({"redis_uri": "redis+cluster://:hunter2@h1:port", "secret_key": GOOD_SECRET}, "hunter2"),
+        ({"redis_uri": "redis+sentinel://:hunter2@h1:26379", "secret_key": GOOD_SECRET}, "hunter2"),
     ],
 )
 def test_settings_errors_never_echo_a_secret(values: dict[str, str], secret: str) -> None:
@@ -1464,7 +1484,12 @@ def test_lifespan_runs_the_cleanup_task_and_cancels_it() -> None:
 
 
 def test_cleanup_task_survives_store_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    outcomes: list[Any] = [RedisConnectionError("down"), 3, asyncio.CancelledError()]
+    outcomes: list[Any] = [
+        RedisConnectionError("down"),
+        ClusterDownError("CLUSTERDOWN"),
+        3,
+        asyncio.CancelledError(),
+    ]
     calls: list[float] = []
 
     async def flaky(now: float) -> int:
@@ -1477,7 +1502,7 @@ def test_cleanup_task_survives_store_errors(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(main, "remove_expired_revocations", flaky)
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(main.cleanup_revocations_forever(0, asyncio.Event()))
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_cleanup_task_stops_even_if_redis_py_swallows_the_cancellation(
@@ -1591,6 +1616,118 @@ def test_openapi_documents_every_response(
     operation = client.get("/openapi.json").json()["paths"][path][method]
     assert operation["summary"]
     assert set(operation["responses"]) == codes
+
+
+# --- Sentinel and Cluster ---
+
+
+def test_cluster_uri_makes_a_cluster_client_that_connects_nothing_yet() -> None:
+    client = main.redis_client("redis+cluster://:pw@203.0.113.1:7000,203.0.113.2:7001")
+    assert isinstance(client, redis.asyncio.RedisCluster)
+    nodes = client.nodes_manager.startup_nodes
+    assert sorted(nodes) == ["203.0.113.1:7000", "203.0.113.2:7001"]
+    assert client.connection_kwargs["password"] == "pw"
+
+
+def test_sentinel_uri_asks_the_sentinels_for_the_named_primary() -> None:
+    client = main.redis_client("redis+sentinel://:pw@203.0.113.1:26379,203.0.113.2:26379/mymaster")
+    pool = client.connection_pool
+    assert (pool.service_name, pool.is_master) == ("mymaster", True)
+    assert pool.connection_kwargs["password"] == "pw"
+    addresses = [sentinel.connection_pool.connection_kwargs for sentinel in pool.sentinel_manager.sentinels]
+    assert [(kwargs["host"], kwargs["port"]) for kwargs in addresses] == [
+        ("203.0.113.1", 26379),
+        ("203.0.113.2", 26379),
+    ]
+
+
+def test_revocation_sets_spread_sessions_and_keep_each_session_in_one() -> None:
+    sessions = [f"session-{n}" for n in range(2000)]
+    counts = Counter(main.revoked_key(sid) for sid in sessions)
+    assert len(counts) == main.REVOKED_SETS
+    assert max(counts.values()) < 2 * len(sessions) / main.REVOKED_SETS
+    assert main.revoked_key("session-7") == main.revoked_key("session-7")
+
+
+def test_every_key_set_used_together_is_in_one_cluster_slot(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fakeredis has no cluster: this records every command of a whole session's life and checks
+    that each script's keys, and each multi-key command's, would land in one slot of a cluster."""
+    commands: list[tuple[Any, ...]] = []
+    pack = STORE_CONNECTION_CLASS.pack_command
+
+    def spy(self: Any, *args: Any) -> Any:
+        commands.append(args)
+        return pack(self, *args)
+
+    monkeypatch.setattr(STORE_CONNECTION_CLASS, "pack_command", spy)
+    tokens = login(client)
+    client.get("/users/me", headers=bearer(tokens["access_token"]))
+    tokens = client.post("/refresh", json={"refresh_token": tokens["refresh_token"]}).json()
+    client.post("/introspect", data={"token": tokens["access_token"]})
+    client.post("/revoke", data={"token": tokens["access_token"]})
+    client.post("/logout", headers=bearer(login(client)["access_token"]))
+    client.portal.call(main.remove_expired_revocations, time.time())
+    names = {str(command[0]).upper() for command in commands}
+    assert {"EVALSHA", "ZMSCORE", "ZADD", "SET", "DEL", "ZREMRANGEBYSCORE"} <= names
+    assert not names & {"MULTI", "MSET", "MGET", "SUNION", "RENAME"}  # nothing else spans keys
+    for command in commands:
+        if str(command[0]).upper() in ("EVALSHA", "EVAL"):
+            keys = command[3 : 3 + int(command[2])]
+        elif str(command[0]).upper() == "DEL":
+            keys = command[1:]
+        else:
+            continue
+        assert len({redis.cluster.key_slot(str(key).encode()) for key in keys}) == 1, command
+
+
+def test_cluster_error_is_a_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = login(client)["access_token"]
+
+    async def cluster_down(claims: main.TokenClaims) -> bool:
+        raise ClusterDownError("CLUSTERDOWN The cluster is down")
+
+    monkeypatch.setattr(main, "is_revoked", cluster_down)
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 503, r.text
+    assert r.json() == STORE_DOWN
+
+
+class RecordingPipeline:
+    """Stands in for a redis-py pipeline: records commands; execute() answers WAIT with `replicas`."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas, self.commands = replicas, []
+
+    def execute_command(self, *args: Any) -> None:
+        self.commands.append(args)
+
+    async def execute(self) -> list[Any]:
+        return [self.replicas if command[0] == "WAIT" else 1 for command in self.commands]
+
+
+@pytest.mark.parametrize(("replicas", "confirmed"), [(0, False), (1, True), (2, True)])
+def test_with_replicas_a_revocation_waits_for_one_and_fails_closed_without(
+    monkeypatch: pytest.MonkeyPatch, replicas: int, confirmed: bool
+) -> None:
+    monkeypatch.setattr(main, "REPLICAS_TO_CONFIRM", 1)
+    pipe = RecordingPipeline(replicas)
+    pipe.execute_command("ZADD", "revoked:3", "GT", 1, "sid")
+    if confirmed:
+        asyncio.run(main.durably(pipe))
+    else:
+        with pytest.raises(main.NotReplicated):
+            asyncio.run(main.durably(pipe))
+    assert pipe.commands[-1] == ("WAIT", 1, main.REPLICA_WAIT_MS)
+
+
+def test_without_replicas_a_revocation_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main, "REPLICAS_TO_CONFIRM", 0)
+    pipe = RecordingPipeline(0)
+    pipe.execute_command("ZADD", "revoked:3", "GT", 1, "sid")
+    asyncio.run(main.durably(pipe))
+    assert [command[0] for command in pipe.commands] == ["ZADD"]
 
 
 # --- Only a real Redis can answer these (run with REDIS_URI set, as `just test-redis` does) ---
@@ -1779,3 +1916,93 @@ def test_outage_answers_503_then_recovers(tmp_path: Path) -> None:
         server.stop()
     assert [(r.status_code, r.json()["detail"]) for r in during] == [(503, STORE_DOWN["detail"])] * 4
     assert after.status_code == 200, after.text
+
+
+# --- Only a real cluster or Sentinel setup can answer these (just test-cluster, just test-sentinel) ---
+
+CLUSTER_PORTS = os.environ.get("REDIS_CLUSTER_PORTS", "").split()
+SENTINEL_DIR = os.environ.get("REDIS_SENTINEL_DIR", "")
+REAL_CLUSTER = pytest.mark.skipif(not CLUSTER_PORTS, reason="needs .ci/with-cluster")
+REAL_SENTINEL = pytest.mark.skipif(not SENTINEL_DIR, reason="needs .ci/with-sentinel")
+
+
+def statuses_until(check: Callable[[httpx.Response], bool], call: Callable[[], httpx.Response]) -> list[int]:
+    """Every status that `call` answers until `check` accepts one (bounded by WAIT_SECONDS)."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        r = call()
+        statuses.append(r.status_code)
+        if check(r) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.05)  # polls another process; no test waits for time to pass
+
+
+@REAL_CLUSTER
+def test_cluster_master_down_is_503_and_its_return_recovers(shared_redis: str) -> None:
+    victim = CLUSTER_PORTS[1]
+    with app_process(shared_redis) as base:
+        headers = bearer(http_login(base, "admin_doe")["access_token"])
+
+        def call() -> httpx.Response:
+            return httpx.get(f"{base}/users/me", headers=headers, timeout=WAIT_SECONDS)
+
+        redis.Redis(port=int(victim)).shutdown(nosave=True)
+        down = statuses_until(lambda r: r.status_code == 503, call)
+        subprocess.run([f"{os.environ['REDIS_CLUSTER_DIR']}/start-{victim}.sh"], check=True)
+        back = statuses_until(lambda r: r.status_code == 200, call)
+    assert down[-1] == 503 and set(down) <= {200, 503}
+    assert back[-1] == 200 and set(back) <= {200, 503}
+
+
+def sentinel_primary_port() -> int:
+    port = int(os.environ["REDIS_SENTINEL_PORTS"].split()[0])
+    return int(redis.Redis(port=port).sentinel_get_master_addr_by_name("mymaster")[1])
+
+
+@REAL_SENTINEL
+def test_logout_without_a_replica_to_confirm_it_is_a_503(shared_redis: str) -> None:
+    replica_pid = int(
+        Path(SENTINEL_DIR, f"redis-{os.environ['REDIS_SENTINEL_REPLICA_PORT']}.pid").read_text()
+    )
+    with app_process(shared_redis) as base:
+        tokens = http_login(base)
+        os.kill(replica_pid, signal.SIGSTOP)  # for less than the Sentinels' 1.5 s: no failover
+        try:
+            r = httpx.post(f"{base}/logout", headers=bearer(tokens["access_token"]))
+        finally:
+            os.kill(replica_pid, signal.SIGCONT)
+        assert r.status_code == 503, r.text
+        assert r.json() == STORE_DOWN
+        # The session is revoked on the primary, unconfirmed: revoking it again (idempotent) confirms.
+        again = httpx.post(f"{base}/revoke", data={"token": tokens["refresh_token"]})
+        assert again.status_code == 200, again.text
+        assert again.json() == {"revoked": True}
+
+
+@REAL_SENTINEL
+def test_logout_survives_the_primary_dying_right_after(shared_redis: str) -> None:
+    primary = sentinel_primary_port()
+    with app_process(shared_redis) as base:
+        token = http_login(base, "admin_doe")["access_token"]
+        assert httpx.post(f"{base}/logout", headers=bearer(token)).status_code == 200
+        os.kill(int(Path(SENTINEL_DIR, f"redis-{primary}.pid").read_text()), signal.SIGKILL)
+        during = statuses_until(
+            lambda r: r.status_code != 503,
+            lambda: httpx.get(f"{base}/users/me", headers=bearer(token), timeout=WAIT_SECONDS),
+        )
+        health = statuses_until(lambda r: r.status_code == 200, lambda: httpx.get(f"{base}/health"))
+        login_after = http_login(base, "admin_doe")  # the promoted replica takes writes
+    try:
+        assert sentinel_primary_port() != primary
+        assert during[-1] == 401 and set(during) <= {401, 503}  # still revoked, and never a 500
+        assert health[-1] == 200 and set(health) <= {200, 503}
+        assert login_after["access_token"]
+    finally:
+        # Bring the old primary back as a replica, so that revocations can be confirmed again.
+        subprocess.run([f"{SENTINEL_DIR}/start-{primary}.sh"], check=True)
+        replica = redis.Redis(port=primary)
+        wait_until(
+            lambda: replica.info("replication").get("master_link_status") == "up",
+            "the old primary to replicate",
+        )
