@@ -132,9 +132,11 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock(int(time.time()) + 0.25)  # a quarter past: no rounding edge in sight
+# Fractions of a second that a timestamp's round trip through Redis as text can blur (which
+# TIMESTAMP_TOLERANCE absorbs), and one late in the second.
+@pytest.fixture(params=[0.25, 0.12344, 0.99], ids=["quarter", "odd-digits", "late-in-the-second"])
+def clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(int(time.time()) + request.param)
     monkeypatch.setattr(main, "time", fake)
     return fake
 
@@ -299,6 +301,7 @@ def test_login_wrong_password(client: TestClient) -> None:
 def test_login_unknown_user_answers_like_wrong_password(client: TestClient) -> None:
     wrong = client.post("/token", json={"username": "jane_doe", "password": "wrong"})
     unknown = client.post("/token", json={"username": "nobody", "password": "wrong"})
+    assert unknown.status_code == 401, unknown.text
     assert (unknown.status_code, unknown.json()) == (wrong.status_code, wrong.json())
     assert unknown.headers["www-authenticate"] == wrong.headers["www-authenticate"]
 
@@ -317,18 +320,40 @@ def test_login_unknown_user_still_checks_a_hash(client: TestClient, monkeypatch:
     assert [hashed for hashed, _ in checked] == [main.DUMMY_HASH]
 
 
-def test_login_runs_bcrypt_on_its_bounded_pool(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    threads: list[str] = []
+def test_logins_run_bcrypt_off_the_loop_and_leave_it_a_core(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight logins at once: bcrypt runs on threads of its own, never more at once than there are
+    cores less one (one at least), so the event loop always has a core."""
+    running, most, lock = 0, 0, threading.Lock()
+    pool_full, release = threading.Event(), threading.Event()
+    threads: set[str] = set()
     real_checkpw = bcrypt.checkpw
 
     def spy(password: bytes, hashed: bytes) -> bool:
-        threads.append(threading.current_thread().name)
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            threads.add(threading.current_thread().name)
+            if running == main.BCRYPT_POOL._max_workers:
+                pool_full.set()
+        release.wait(WAIT_SECONDS)  # held until the pool has filled up
+        with lock:
+            running -= 1
         return real_checkpw(password, hashed)
 
+    async def eight_logins() -> list[Any]:
+        tasks = [asyncio.ensure_future(main.authenticate_user("jane_doe", "password456")) for _ in range(8)]
+        await asyncio.to_thread(pool_full.wait, WAIT_SECONDS)
+        release.set()
+        return await asyncio.gather(*tasks)
+
     monkeypatch.setattr(main.bcrypt, "checkpw", spy)
-    login(client)
-    assert len(threads) == 1 and threads[0].startswith("bcrypt")
-    assert main.BCRYPT_POOL._max_workers == max(1, (os.cpu_count() or 1) - 1)
+    users = client.portal.call(eight_logins)
+    assert [user.username for user in users] == ["jane_doe"] * 8
+    assert 1 <= most <= max(1, (os.cpu_count() or 1) - 1)
+    assert all(name.startswith("bcrypt") for name in threads)
 
 
 @pytest.mark.parametrize(
@@ -601,6 +626,23 @@ def test_anonymous_endpoints_are_limited_per_ip(client: TestClient) -> None:
     assert r.headers["x-ratelimit-limit"] == "20"
 
 
+@pytest.mark.parametrize(
+    ("path", "send"),
+    [
+        ("/refresh", {"json": {"refresh_token": "garbage"}}),
+        ("/revoke", {"data": {"token": "garbage"}}),
+        ("/introspect", {"data": {"token": "garbage"}}),
+    ],
+)
+def test_anonymous_posts_are_limited_per_ip(client: TestClient, path: str, send: dict[str, Any]) -> None:
+    statuses = [client.post(path, **send).status_code for _ in range(21)]
+    assert statuses[-1] == 429 and 429 not in statuses[:-1]
+    r = client.post(path, **send)
+    assert r.json() == oauth2_error("Rate limit exceeded: 20 per 1 minute", "temporarily_unavailable")
+    assert r.headers["x-ratelimit-limit"] == "20"
+    assert r.headers["ratelimit"].startswith('"ip";r=0;t=')
+
+
 def test_health_and_logout_are_never_rate_limited(client: TestClient) -> None:
     for _ in range(25):
         r = client.get("/health")
@@ -734,9 +776,26 @@ def test_refresh_returns_new_pair_in_same_session(client: TestClient) -> None:
 
 def test_refresh_revokes_the_presented_refresh_token(client: TestClient) -> None:
     refresh_token = login(client)["refresh_token"]
-    client.post("/refresh", json={"refresh_token": refresh_token})
+    refreshed = client.post("/refresh", json={"refresh_token": refresh_token})
+    assert refreshed.status_code == 200, refreshed.text
     r = client.get("/is_token_revoked", params={"token": refresh_token})
     assert r.json() == {"revoked": True, "expired": False}
+
+
+def test_two_refreshes_racing_with_one_token_cannot_both_win(client: TestClient) -> None:
+    """The README's promise: two workers can never both accept the same refresh token. The
+    compare-and-set runs in Redis, so however the two interleave, one wins and one is refused."""
+    refresh_token = login(client)["refresh_token"]
+
+    async def race() -> list[Any]:
+        return await asyncio.gather(
+            *(main.refresh_session(refresh_token) for _ in range(2)), return_exceptions=True
+        )
+
+    results = client.portal.call(race)
+    assert sum(isinstance(result, main.TokenPair) for result in results) == 1
+    [refused] = [result for result in results if not isinstance(result, main.TokenPair)]
+    assert (refused.status_code, refused.detail) == (401, "Refresh token has been revoked")
 
 
 def test_refresh_token_reuse_revokes_the_session(client: TestClient) -> None:
@@ -835,6 +894,8 @@ def test_revoke_is_idempotent(client: TestClient) -> None:
     token = login(client)["access_token"]
     first = client.post("/revoke", json={"token": token})
     entries = revoked_entries(client)
+    claims = main.decode_token(token)
+    assert entries == {claims.jti.encode(): claims.exp}
     second = client.post("/revoke", json={"token": token})
     assert (first.status_code, second.status_code) == (200, 200)
     assert second.json() == {"revoked": True}
@@ -1403,6 +1464,15 @@ def test_session_revocation_lives_until_its_access_tokens_expire(
     assert r.json() == {"detail": "Token has been revoked"}
 
 
+def test_revoking_again_never_shortens_a_revocation(client: TestClient) -> None:
+    """A second revocation with an earlier deadline (another worker's clock a little behind, say)
+    must not shorten the first: the entry would expire while tokens it blocks still live."""
+    now = time.time()
+    client.portal.call(main.revoke_session, "session-1", now)
+    client.portal.call(main.revoke_session, "session-1", now - 100)
+    assert revoked_entries(client) == {b"session-1": int(now) + main.ACCESS_TOKEN_LIFETIME}
+
+
 def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
     now = time.time()
     for n in range(main.REVOKED_SETS):  # every set gets one of each
@@ -1476,9 +1546,13 @@ def test_store_empties_once_everything_has_expired(client: TestClient) -> None:
     assert list(session_records(client)) == [(main.REFRESH_KEY_PREFIX + claims.sid).encode()]
 
 
-def test_lifespan_runs_the_cleanup_task_and_cancels_it() -> None:
-    with TestClient(main.app):
+def test_lifespan_runs_the_cleanup_task_and_cancels_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main, "settings", main.settings.model_copy(update={"cleanup_interval_seconds": 0.01}))
+    with TestClient(main.app) as client:
         task = main.app.state.cleanup_task
+        key = main.revoked_key("session-1")
+        client.portal.call(lambda: main.store.zadd(key, {"expired": int(time.time()) - 1}))
+        wait_until(lambda: client.portal.call(main.store.zcard, key) == 0, "the cleanup task")
         assert not task.done()
     assert task.cancelled()
 
@@ -1527,12 +1601,20 @@ def test_health(client: TestClient) -> None:
     assert r.json() == {"status": "ok", "store": "redis" if main.settings.redis_uri else "embedded"}
 
 
+@contextmanager
+def embedded_store_down() -> Iterator[None]:
+    """The embedded store refuses every command until the block ends, even if an assert fails."""
+    main.embedded_server.connected = False
+    try:
+        yield
+    finally:
+        main.embedded_server.connected = True
+
+
 @pytest.fixture
 def store_down(client: TestClient) -> Iterator[None]:
-    server = main.embedded_server
-    server.connected = False
-    yield
-    server.connected = True
+    with embedded_store_down():
+        yield
 
 
 STORE_DOWN = {"detail": "Token store unavailable; try again shortly"}
@@ -1559,11 +1641,8 @@ def test_authenticated_endpoints_fail_closed_when_store_is_down(
     client: TestClient, method: str, path: str
 ) -> None:
     token = login(client)["access_token"]
-    main.embedded_server.connected = False
-    try:
+    with embedded_store_down():
         r = client.request(method, path, headers=bearer(token))
-    finally:
-        main.embedded_server.connected = True
     assert r.status_code == 503, r.text
     assert r.json() == STORE_DOWN
 
@@ -1578,9 +1657,8 @@ def test_login_is_503_when_store_is_down(client: TestClient, store_down: None) -
 @EMBEDDED_ONLY
 def test_app_recovers_when_store_is_back(client: TestClient) -> None:
     token = login(client)["access_token"]
-    main.embedded_server.connected = False
-    assert client.get("/users/me", headers=bearer(token)).status_code == 503
-    main.embedded_server.connected = True
+    with embedded_store_down():
+        assert client.get("/users/me", headers=bearer(token)).status_code == 503
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 200, r.text
 
