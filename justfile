@@ -36,11 +36,12 @@ test-cluster: install
 test-sentinel: install
     .ci/with-sentinel {{ venv }}/bin/python -m pytest
 
-# Lint: ruff, hadolint on the Dockerfile, and the compose file against its schema
+# Lint: ruff, mypy, hadolint on the Dockerfile, and the compose file against its schema
 lint: install
     {{ venv }}/bin/pip install -q -r .ci/tools.txt
     {{ venv }}/bin/ruff check .
     {{ venv }}/bin/ruff format --check .
+    {{ venv }}/bin/mypy --check-untyped-defs --ignore-missing-imports main.py
     {{ venv }}/bin/hadolint Dockerfile
     {{ venv }}/bin/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
 

@@ -17,7 +17,7 @@ import secrets
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -57,6 +57,31 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # A child of uvicorn's logger, so these lines share its handler, format and level.
 logger = logging.getLogger("uvicorn.app")
+
+
+class SafeRequestLines(logging.Filter):
+    """Cleans what clients write into uvicorn's request lines (the access log, and WebSocket
+    handshakes on its error log): query strings go, since GET /is_token_revoked carries a token
+    there and a client can spell its name any way it likes (`tok%65n=`); and control characters
+    in a client address that a proxy passed on (`X-Forwarded-For`) are escaped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.clean(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+    @staticmethod
+    def clean(text: str) -> str:
+        if "?" in text:
+            text = text.partition("?")[0] + "?[redacted]"
+        return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+for uvicorn_logger in ("uvicorn.access", "uvicorn.error"):
+    logging.getLogger(uvicorn_logger).addFilter(SafeRequestLines())
+# SlowAPI logs every exceeded limit with the client's key unescaped; rate_limit_exceeded() below
+# logs the same event safely, so keep only SlowAPI's errors.
+logging.getLogger("slowapi").setLevel(logging.ERROR)
 
 
 # --- Settings ---
@@ -314,15 +339,17 @@ def create_token(
     return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
 
 
+# A client sends the same access token on every request, so each token's signature is checked
+# once, by token *and key* (a new key never reuses an old verdict); expiry and revocation are
+# still checked on every request. Failures raise, and lru_cache keeps no raised result.
 @functools.lru_cache(maxsize=4096)
-def verified_claims(token: str) -> TokenClaims:
-    """Check a token's signature and claims once: a client sends the same access token on every
-    request for its whole lifetime. Failures raise, and lru_cache does not keep raised results."""
+def verified_claims(token: str, key: str) -> TokenClaims:
+    """The claims of a token that `key` signed, if they are ones this app writes."""
     payload = jwt.decode(
         token,
-        SECRET_KEY,
+        key,
         algorithms=[ALGORITHM],  # pinned: never let the token choose its own algorithm
-        options={"verify_exp": False, "require": ["exp", "iat", "sub", "jti"]},
+        options={"verify_exp": False},  # decode_token() checks it on every use, not once
     )
     try:
         claims = TokenClaims.model_validate(payload)
@@ -341,7 +368,7 @@ def decode_token(token: str, *, verify_exp: bool = True) -> TokenClaims:
     # hashes the whole string). A header of a megabyte would otherwise take ~50 ms of the loop.
     if len(token) > MAX_TOKEN_CHARS or not token.isascii():
         raise jwt.InvalidTokenError("not a token of ours")
-    claims = verified_claims(token)
+    claims = verified_claims(token, SECRET_KEY)
     # Expiry changes with the clock, so it is checked on every use (as PyJWT does: exp <= now).
     if verify_exp and claims.exp <= time.time():
         raise jwt.ExpiredSignatureError("Signature has expired")
@@ -383,11 +410,11 @@ REVOKED_KEY_PREFIX = "revoked:"
 # the wrong set: they would no longer be found (revoke again, or wait for them to expire).
 REVOKED_SETS = 16
 REFRESH_KEY_PREFIX = "refresh:"
-# Fail fast while Redis is down: one immediate retry replaces a connection that went stale (after
-# a Redis restart or a failover, say); past that the request gets a 503 instead of waiting.
 REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
+    # Fail fast while Redis is down: one immediate retry replaces a connection that went stale
+    # (after a Redis restart or a failover, say); past that the request gets a 503, not a wait.
     "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
 }
 # A redis-py cluster error (slots not covered, a node down) is not a RedisError.
@@ -631,7 +658,9 @@ limiter = Limiter(
     key_func=client_address, strategy="moving-window", storage_uri="async-bridge://", headers_enabled=False
 )
 
-TIMESTAMP_TOLERANCE = 0.001  # seconds
+# `limits`' scripts keep a hit's timestamp as Lua turns a number into text: 14 significant digits,
+# about 0.1 ms at today's epoch seconds. A millisecond covers that blur.
+TIMESTAMP_TOLERANCE = 0.001
 
 
 @dataclass(frozen=True)
@@ -652,18 +681,17 @@ class WindowState:
     remaining: int
     reset: float  # epoch seconds when the oldest hit in the window leaves it (inclusive)
 
-    @property
-    def next_second(self) -> int:
-        """The first whole epoch second at which the window has room again."""
-        return self.whole_seconds_after(0.0)
 
-    def whole_seconds_after(self, now: float) -> int:
-        """Whole seconds from `now` until the window has room again, never early.
+# The window still holds a hit at exactly `reset`, hence floor() + 1 rather than ceil(): the two
+# functions below are never early, at worst a second late within TIMESTAMP_TOLERANCE of a whole one.
+def first_second_with_room(reset: float) -> int:
+    """The first whole epoch second at which the window has room again (X-RateLimit-Reset)."""
+    return math.floor(reset + TIMESTAMP_TOLERANCE) + 1
 
-        The window still holds a hit at exactly `reset`, hence floor() + 1 rather than ceil().
-        Timestamps make a round trip through Redis as text, so allow for a last-digit difference.
-        """
-        return math.floor(self.reset - now + TIMESTAMP_TOLERANCE) + 1
+
+def seconds_until_room(reset: float, now: float) -> int:
+    """Whole seconds from `now` until the window has room again (Retry-After, RateLimit's t)."""
+    return math.floor(reset - now + TIMESTAMP_TOLERANCE) + 1
 
 
 async def window_state(window: CountedWindow, read: dict[str, Window] | None = None) -> WindowState:
@@ -690,11 +718,11 @@ async def rate_limit_headers(
     read = windows_read.get()
     states = [await window_state(window, read) for window in windows]
     nearest = min(states, key=lambda state: (state.remaining, -state.reset))
-    seconds_left = nearest.whole_seconds_after(time.time())
+    seconds_left = seconds_until_room(nearest.reset, time.time())
     headers = {
         "X-RateLimit-Limit": str(nearest.limit),
         "X-RateLimit-Remaining": str(nearest.remaining),
-        "X-RateLimit-Reset": str(nearest.next_second),
+        "X-RateLimit-Reset": str(first_second_with_room(nearest.reset)),
         "RateLimit-Policy": ", ".join(f'"{s.policy}";q={s.limit};w={s.window_seconds}' for s in states),
         "RateLimit": f'"{nearest.policy}";r={nearest.remaining};t={seconds_left}',
     }
@@ -769,12 +797,6 @@ LOGIN_LIMIT = limits.parse(settings.rate_limit_login)
 
 
 # --- Request models and dependencies ---
-
-
-class ErrorOut(BaseModel):
-    detail: str
-    error: str | None = Field(default=None, description="RFC 6749 error code (OAuth2 endpoints only)")
-    error_description: str | None = None
 
 
 class PasswordGrant(BaseModel):
@@ -862,9 +884,6 @@ async def ip_rate_limit(request: Request, response: Response) -> None:
     await count_call(count_anonymous_call, request, response, window)
 
 
-IpRateLimit = Depends(ip_rate_limit)
-
-
 async def refresh_grant(request: Request) -> RefreshGrant:
     return parsed(RefreshGrant, await request_fields(request))
 
@@ -894,13 +913,12 @@ async def token_grant(request: Request, response: Response) -> PasswordGrant | R
 
 TokenGrant = Annotated[PasswordGrant | RefreshGrant, Depends(token_grant)]
 
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="token", auto_error=False)
+# With no Authorization header, a 401 "Not authenticated" with WWW-Authenticate: Bearer.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="token")
 
 
-async def access_claims(token: Annotated[str | None, Depends(oauth2_scheme)]) -> TokenClaims:
+async def access_claims(token: Annotated[str, Depends(oauth2_scheme)]) -> TokenClaims:
     """The claims of a valid, unrevoked access token, or the 401 that says what is wrong."""
-    if token is None:
-        raise bearer_error("Not authenticated", invalid_token=False)
     claims = verify_token(token, "access")
     if await is_revoked(claims):
         logger.warning("revoked token used: sub=%s jti=%s", claims.sub, claims.jti)
@@ -911,10 +929,7 @@ async def access_claims(token: Annotated[str | None, Depends(oauth2_scheme)]) ->
 AccessClaims = Annotated[TokenClaims, Depends(access_claims)]
 
 
-async def current_user(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> User:
-    # Calls access_claims() itself rather than depending on it: on this hot path, each level of
-    # dependency costs FastAPI more than the call does.
-    claims = await access_claims(token)
+async def current_user(request: Request, claims: AccessClaims) -> User:
     user = USERS.get(claims.sub)
     if user is None:
         raise bearer_error("Unknown user")
@@ -945,31 +960,6 @@ async def require_premium(user: CurrentUser) -> None:
 # --- App, lifespan and cleanup task ---
 
 
-class SafeRequestLines(logging.Filter):
-    """Cleans what clients write into uvicorn's request lines (the access log, and WebSocket
-    handshakes on its error log): query strings go, since GET /is_token_revoked carries a token
-    there and a client can spell its name any way it likes (`tok%65n=`); and control characters
-    in a client address that a proxy passed on (`X-Forwarded-For`) are escaped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self.clean(arg) if isinstance(arg, str) else arg for arg in record.args)
-        return True
-
-    @staticmethod
-    def clean(text: str) -> str:
-        if "?" in text:
-            text = text.partition("?")[0] + "?[redacted]"
-        return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
-for uvicorn_logger in ("uvicorn.access", "uvicorn.error"):
-    logging.getLogger(uvicorn_logger).addFilter(SafeRequestLines())
-# SlowAPI logs every exceeded limit with the client's key unescaped; rate_limit_exceeded() below
-# logs the same event safely, so keep only SlowAPI's errors.
-logging.getLogger("slowapi").setLevel(logging.ERROR)
-
-
 # Token responses must not be cached (RFC 6749 §5.1); Pragma for HTTP/1.0 caches.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 OAUTH2_PATHS = {"/token", "/refresh", "/revoke", "/introspect"}
@@ -983,7 +973,12 @@ OAUTH2_ERROR_CODES = {
 
 
 def error_response(
-    request: Request, status_code: int, detail: Any, headers: dict[str, str] | None = None, *, error: str = ""
+    request: Request,
+    status_code: int,
+    detail: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    error: str = "",
 ) -> JSONResponse:
     """Every error this app sends: JSON with `detail`, and the rate-limit headers of a counted call.
     From the OAuth2 endpoints also RFC 6749's `error` and `error_description`, which clients read."""
@@ -1022,6 +1017,8 @@ class BodySizeLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                # Raised where a route reads its body, so the app's own handler (http_error())
+                # answers it, as JSON, like every other error.
                 raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail="Content Too Large")
             return message
 
@@ -1058,7 +1055,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         stopping.set()
         cleanup.cancel()
-        await asyncio.gather(cleanup, return_exceptions=True)
+        (outcome,) = await asyncio.gather(cleanup, return_exceptions=True)
+        if isinstance(outcome, Exception):  # it crashed, rather than being cancelled here
+            logger.error("the revocation cleanup task had stopped: %r", outcome)
         # Connections belong to this event loop; the next one (a new test client) opens its own.
         await store.aclose()
         # Behind Sentinel, the client also holds one connection to each sentinel it asks.
@@ -1072,7 +1071,6 @@ app = FastAPI(
     summary="JWT login, per-plan rate limits with SlowAPI, and token revocation on Redis.",
     lifespan=lifespan,
 )
-app.state.limiter = limiter
 app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
 
@@ -1163,6 +1161,12 @@ class MessageOut(BaseModel):
     message: str
 
 
+class ErrorOut(BaseModel):
+    detail: str
+    error: str | None = Field(default=None, description="RFC 6749 error code (OAuth2 endpoints only)")
+    error_description: str | None = None
+
+
 class FieldError(BaseModel):
     type: str
     loc: list[str | int]
@@ -1234,7 +1238,7 @@ async def login(grant: TokenGrant, response: Response) -> TokenPair:
     "/refresh",
     summary="Trade a refresh token for a new token pair",
     responses=error_responses(400, 401, 413, 415, 422, 429, 503),
-    dependencies=[IpRateLimit],
+    dependencies=[Depends(ip_rate_limit)],
     openapi_extra=request_body(RefreshGrant),
 )
 async def refresh(grant: Annotated[RefreshGrant, Depends(refresh_grant)], response: Response) -> TokenPair:
@@ -1253,14 +1257,6 @@ async def logout(claims: AccessClaims) -> MessageOut:
     return MessageOut(message="Logged out")
 
 
-def claims_of_presented_token(token: str) -> TokenClaims:
-    """The claims of a token presented for inspection, expired or not."""
-    try:
-        return decode_token(token, verify_exp=False)
-    except jwt.InvalidTokenError:
-        raise bearer_error("Not a token issued by this service") from None
-
-
 async def token_request(request: Request) -> TokenRequest:
     return parsed(TokenRequest, await request_fields(request))
 
@@ -1272,7 +1268,7 @@ PresentedToken = Annotated[TokenRequest, Depends(token_request)]
     "/revoke",
     summary="Revoke a token you hold (RFC 7009)",
     responses=error_responses(400, 413, 415, 422, 429, 503),
-    dependencies=[IpRateLimit],
+    dependencies=[Depends(ip_rate_limit)],
     openapi_extra=request_body(TokenRequest),
 )
 async def revoke_token(body: PresentedToken) -> RevokedOut:
@@ -1296,7 +1292,7 @@ async def revoke_token(body: PresentedToken) -> RevokedOut:
     "/introspect",
     summary="Is this token active, and whose is it? (RFC 7662)",
     responses=error_responses(400, 413, 415, 422, 429, 503),
-    dependencies=[IpRateLimit],
+    dependencies=[Depends(ip_rate_limit)],
     openapi_extra=request_body(TokenRequest),
     response_model_exclude_none=True,
 )
@@ -1312,7 +1308,7 @@ async def introspect(body: PresentedToken, response: Response) -> Introspection:
         return Introspection(active=False)
     return Introspection(
         active=True,
-        token_type=f"{claims.type}_token",
+        token_type="access_token" if claims.type == "access" else "refresh_token",
         sub=claims.sub,
         username=claims.sub,
         exp=claims.exp,
@@ -1325,14 +1321,17 @@ async def introspect(body: PresentedToken, response: Response) -> Introspection:
     "/is_token_revoked",
     summary="Check whether a token has been revoked",
     responses=error_responses(401, 429, 503),
-    dependencies=[IpRateLimit],
+    dependencies=[Depends(ip_rate_limit)],
 )
 async def is_token_revoked(
     token: Annotated[str, Query(min_length=1, max_length=MAX_TOKEN_CHARS)],
 ) -> TokenStatus:
     """For a token this service signed. Once a token has expired, the store forgets whether it was
     revoked (nothing it blocked can be used any more), so it reports `revoked: false, expired: true`."""
-    claims = claims_of_presented_token(token)
+    try:
+        claims = decode_token(token, verify_exp=False)
+    except jwt.InvalidTokenError:
+        raise bearer_error("Not a token issued by this service") from None
     if claims.exp <= time.time():
         return TokenStatus(revoked=False, expired=True)
     return TokenStatus(revoked=await is_revoked(claims), expired=False)
@@ -1403,6 +1402,7 @@ async def premium_only(user: PlanLimitedUser) -> MessageOut:
 
 @app.get("/users/me", summary="The logged-in user", responses=error_responses(401, 429, 503))
 async def read_me(user: PlanLimitedUser) -> UserOut:
+    """Your username, full name and plan."""
     return UserOut(username=user.username, full_name=user.full_name, plan=user.plan)
 
 
@@ -1417,7 +1417,9 @@ async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
     windows = [CountedWindow(user.plan.value, limit, user.username, path) for path in PLAN_LIMITED_PATHS]
     states = await asyncio.gather(*(window_state(window) for window in windows))
     endpoints = {
-        path: EndpointLimit(limit=state.limit, remaining=state.remaining, reset=state.next_second)
+        path: EndpointLimit(
+            limit=state.limit, remaining=state.remaining, reset=first_second_with_room(state.reset)
+        )
         for path, state in zip(PLAN_LIMITED_PATHS, states, strict=True)
     }
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
