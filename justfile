@@ -24,6 +24,10 @@ test: install
 cov: install
     {{ venv }}/bin/python -m pytest --cov=main --cov-report=term-missing
 
+# Mutation testing of main.py with mutmut: the score and each survivor's diff (args: mutant name globs)
+mutants *names:
+    .ci/mutants {{ names }}
+
 # Run the tests against a throwaway local redis-server (needs the redis-server binary)
 test-redis: install
     .ci/with-redis {{ venv }}/bin/python -m pytest
