@@ -22,6 +22,7 @@ from typing import Any
 import bcrypt
 import httpx
 import jwt
+import limits
 import pytest
 import redis
 import redis.asyncio
@@ -1811,6 +1812,53 @@ def test_without_replicas_a_revocation_does_not_wait(monkeypatch: pytest.MonkeyP
     pipe.execute_command("ZADD", "revoked:3", "GT", 1, "sid")
     asyncio.run(main.durably(pipe))
     assert [command[0] for command in pipe.commands] == ["ZADD"]
+
+
+def test_retry_after_is_one_second_in_the_windows_last_second(client: TestClient, clock: FakeClock) -> None:
+    token = login(client)["access_token"]
+    first_hit = clock.now
+    assert call_statuses(client, token, 2) == [200, 200]
+    clock.now = first_hit + 59.5
+    r = client.get("/users/me", headers=bearer(token))
+    assert r.status_code == 429, r.text
+    assert (r.headers["retry-after"], r.headers["ratelimit"]) == ("1", '"free";r=0;t=1')
+
+
+def test_headers_speak_for_the_window_that_frees_up_last_when_both_are_as_full() -> None:
+    now = time.time()
+    sooner = main.CountedWindow("ip", limits.parse("5/minute"), "1.2.3.4", "/token")
+    later = main.CountedWindow("ip+username", limits.parse("5/hour"), "1.2.3.4|jane", "/token")
+
+    async def headers() -> dict[str, str]:
+        main.windows_read.set(
+            {
+                sooner.limit.key_for(sooner.key, sooner.path): (now - 30, 5),
+                later.limit.key_for(later.key, later.path): (now - 30, 5),
+            }
+        )
+        return await main.rate_limit_headers((sooner, later))
+
+    result = asyncio.run(headers())
+    assert result["RateLimit"].startswith('"ip+username";r=0;t=')
+    assert result["RateLimit-Policy"] == '"ip";q=5;w=60, "ip+username";q=5;w=3600'
+
+
+@pytest.mark.parametrize(
+    "uri", ["redis://h:6379/0", "redis+cluster://h1:7000", "redis+sentinel://h1:26379/mymaster"]
+)
+def test_every_store_client_fails_fast(uri: str) -> None:
+    """Two-second timeouts and one immediate retry, whatever the topology (and for the sentinels)."""
+    client = main.redis_client(uri)
+    if isinstance(client, redis.asyncio.RedisCluster):
+        options = client.connection_kwargs
+    else:
+        options = client.connection_pool.connection_kwargs
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (2, 2)
+    retry = client.retry if isinstance(client, redis.asyncio.RedisCluster) else client.get_retry()
+    assert retry.get_retries() == 1
+    if uri.startswith(main.SENTINEL_SCHEME):
+        sentinel = client.connection_pool.sentinel_manager.sentinels[0]
+        assert sentinel.connection_pool.connection_kwargs["socket_timeout"] == 2
 
 
 # --- Only a real Redis can answer these (run with REDIS_URI set, as `just test-redis` does) ---
