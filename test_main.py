@@ -1555,7 +1555,9 @@ def test_lifespan_runs_the_cleanup_task_and_cancels_it(monkeypatch: pytest.Monke
         client.portal.call(lambda: main.store.zadd(key, {"expired": int(time.time()) - 1}))
         wait_until(lambda: client.portal.call(main.store.zcard, key) == 0, "the cleanup task")
         assert not task.done()
-    assert task.cancelled()
+    # Stopped with the app: cancelled, or, when the cancellation landed inside a store command
+    # (redis-py turns it into a ConnectionError), ended by the stop event that the lifespan sets.
+    assert task.done() and (task.cancelled() or task.exception() is None)
 
 
 def test_cleanup_task_survives_store_errors(monkeypatch: pytest.MonkeyPatch) -> None:
