@@ -3,6 +3,7 @@ refresh, log out. They run on the embedded fake Redis, or on a real one when RED
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import signal
@@ -29,12 +30,15 @@ import redis.asyncio
 import redis.cluster
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fakeredis._clients._async import FakeBaseAsyncConnection
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 import main
 
@@ -1861,6 +1865,208 @@ def test_every_store_client_fails_fast(uri: str) -> None:
     if uri.startswith(main.SENTINEL_SCHEME):
         sentinel = client.connection_pool.sentinel_manager.sentinels[0]
         assert sentinel.connection_pool.connection_kwargs["socket_timeout"] == 2
+
+
+# --- Edges that mutation testing found unguarded ---
+
+
+def token_of_length(n: int) -> str:
+    for sub in range(1, 3000):
+        for sid in range(1, 4):
+            token, _ = main.create_token("u" * sub, "access", "s" * sid, time.time())
+            if len(token) == n:
+                return token
+    raise AssertionError(n)
+
+
+def test_decode_token_takes_tokens_up_to_max_token_chars() -> None:
+    assert main.decode_token(token_of_length(main.MAX_TOKEN_CHARS)).sub.startswith("u")
+    with pytest.raises(jwt.InvalidTokenError, match=r"^not a token of ours$"):
+        main.decode_token(token_of_length(main.MAX_TOKEN_CHARS + 1))
+
+
+def test_token_expires_at_exactly_its_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    token, claims = main.create_token("jane_doe", "access", "s", time.time())
+    monkeypatch.setattr(main, "time", FakeClock(claims.exp))
+    with pytest.raises(jwt.ExpiredSignatureError):
+        main.decode_token(token)
+
+
+def test_jti_is_16_random_bytes() -> None:
+    _, claims = main.create_token("jane_doe", "access", "s", time.time())
+    assert len(claims.jti) == 22
+
+
+def test_durably_reads_the_wait_reply_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(main, "REPLICAS_TO_CONFIRM", 1)
+    pipe = RecordingPipeline(0)
+    pipe.execute_command("ZADD", "revoked:3", "GT", 1, "sid")
+    pipe.execute_command("DEL", "refresh:sid")
+    with pytest.raises(
+        main.NotReplicated, match=f"^no replica confirmed a revocation within {main.REPLICA_WAIT_MS} ms$"
+    ):
+        asyncio.run(main.durably(pipe))
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_from_uri_refuses_ports_out_of_range(port: str) -> None:
+    with pytest.raises(ValueError, match=r"^every host needs a port$"):
+        main.RedisNodes.from_uri(f"redis+cluster://h:{port}")
+
+
+def test_from_uri_reads_hosts_password_and_service() -> None:
+    nodes = main.RedisNodes.from_uri("redis+sentinel://user:pa:ss@[::1]:1,X1:65535/Xmaster")
+    assert nodes == main.RedisNodes([("::1", 1), ("X1", 65535)], "pa:ss", "Xmaster")
+
+
+def test_clean_keeps_printable_non_ascii() -> None:
+    assert main.SafeRequestLines.clean("/caf\u00e9") == "/caf\u00e9"
+
+
+def test_client_address_without_a_client() -> None:
+    assert main.client_address(Request({"type": "http", "client": None, "headers": []})) == "unknown"
+
+
+def test_first_second_with_room_tolerance() -> None:
+    assert main.first_second_with_room(99.9995) == 101
+
+
+def headers_for(windows: tuple[main.CountedWindow, ...], read: dict[str, main.Window]) -> Headers:
+    async def go() -> dict[str, str]:
+        main.windows_read.set(read)
+        return await main.rate_limit_headers(windows)
+
+    return Headers(asyncio.run(go()))  # header names are case-insensitive
+
+
+def test_body_without_content_type_is_415(client: TestClient) -> None:
+    r = client.post("/token", content=b"x")
+    assert r.status_code == 415, r.text
+
+
+def test_login_headers_speak_for_the_ip_limit_when_it_is_nearer(client: TestClient) -> None:
+    for n in range(17):
+        client.post("/token", json={"username": f"user{n}", "password": "wrong"})
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ratelimit-remaining"] == "2"
+    assert r.headers["ratelimit"].startswith('"ip";r=2;')
+
+
+def test_revoked_token_use_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    token = login(client)["access_token"]
+    client.post("/logout", headers=bearer(token))
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.get("/users/me", headers=bearer(token))
+    jti = main.decode_token(token).jti
+    assert f"revoked token used: sub=jane_doe jti={jti}" in [r.getMessage() for r in caplog.records]
+
+
+def test_stale_refresh_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    refresh_token = login(client)["refresh_token"]
+    client.post("/refresh", json={"refresh_token": refresh_token})
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.post("/refresh", json={"refresh_token": refresh_token})
+    sid = main.decode_token(refresh_token).sid
+    assert f"stale refresh token, session revoked: sub=jane_doe sid={sid}" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_cleanup_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    down = RedisConnectionError("down")
+    outcomes = [down, 3, asyncio.CancelledError()]
+
+    async def flaky(now: float) -> int:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(main, "remove_expired_revocations", flaky)
+    with caplog.at_level(logging.INFO, logger="uvicorn.app"), pytest.raises(asyncio.CancelledError):
+        asyncio.run(main.cleanup_revocations_forever(0, asyncio.Event()))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"revocation cleanup failed, retrying in 0s: {down!r}",
+        "revocation cleanup removed 3 expired entries",
+    ]
+
+
+def test_get_and_head_bodies_are_not_limited(client: TestClient) -> None:
+    assert client.request("GET", "/health", content=b"x" * 5000).status_code == 200
+    assert client.request("HEAD", "/health", content=b"x" * 5000).status_code == 405
+
+
+def test_declared_oversize_is_refused_even_where_no_body_is_read(client: TestClient) -> None:
+    token = login(client)["access_token"]
+    r = client.post("/logout", content=b"x" * 5000, headers=bearer(token))
+    assert r.status_code == 413, r.text
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+
+
+def test_body_of_exactly_max_bytes_is_read(client: TestClient) -> None:
+    body = json.dumps({"username": "jane_doe", "password": "password456"}).ljust(main.MAX_BODY_BYTES).encode()
+    r = client.post("/token", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_streamed_chunks_add_up(client: TestClient) -> None:
+    chunks = iter([b'{"username": "jane_doe", "password": "' + b"x" * 3000, b"x" * 3000 + b'"}'])
+    r = client.post("/token", content=chunks, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+
+
+def test_openapi_error_models_and_request_bodies(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    token = spec["paths"]["/token"]["post"]
+    for code, model in [("422", "ValidationErrorOut"), ("401", "ErrorOut")]:
+        schema = token["responses"][code]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"}
+    body = token["requestBody"]
+    assert body["required"] is True
+    both = {"anyOf": [main.PasswordGrant.model_json_schema(), main.RefreshGrant.model_json_schema()]}
+    assert body["content"] == {t: {"schema": both} for t in ("application/json", main.FORM_TYPE)}
+    refresh = spec["paths"]["/refresh"]["post"]["requestBody"]["content"]
+    assert refresh == {
+        t: {"schema": main.RefreshGrant.model_json_schema()} for t in ("application/json", main.FORM_TYPE)
+    }
+
+
+def test_bridge_storage_pings_and_reads_windows(client: TestClient) -> None:
+    storage = main.limiter._storage
+    out: dict[str, Any] = {}
+
+    def sync(_: object) -> None:
+        out["check"] = storage.check()
+        out["window"] = storage.get_moving_window("k", 5, 60)
+
+    async def go() -> None:
+        await main.count_and_read("k", 5, 60, 1)
+        await main.greenlet_spawn(sync, None)
+
+    client.portal.call(go)
+    assert out["check"] is True
+    assert out["window"][1] == 1 and abs(out["window"][0] - time.time()) < 5
+
+
+def test_body_limit_adds_up_the_chunks_of_one_body() -> None:
+    messages = [
+        {"type": "http.request", "body": b"x" * 6, "more_body": True},
+        {"type": "http.request", "body": b"x" * 6},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    limit = main.BodySizeLimit(app, max_bytes=10)
+    scope = {"type": "http", "method": "POST", "path": "/token", "headers": []}
+    with pytest.raises(HTTPException) as error:
+        asyncio.run(limit(scope, receive, None))  # type: ignore[arg-type]
+    assert error.value.status_code == 413
 
 
 # --- Only a real Redis can answer these (run with REDIS_URI set, as `just test-redis` does) ---
