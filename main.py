@@ -530,8 +530,8 @@ async def remove_expired_revocations(now: float) -> int:
 # SlowAPI is synchronous: it picks keys, counts and raises RateLimitExceeded in plain function
 # calls, and waits for Redis through a sync `limits` storage. Rather than give it a thread (a GIL
 # hand-off per call), count_call() runs it in a greenlet on the event loop's own thread, the
-# technique of SQLAlchemy's asyncio support: the storage SlowAPI is given hands each Redis command
-# back to greenlet_spawn() as a coroutine of `limits`' async storage (on the store's connections),
+# technique of SQLAlchemy's asyncio support: the storage SlowAPI is given hands each Redis call
+# back to greenlet_spawn() as a coroutine (`limits`' own scripts, run on the store's client),
 # which awaits it on the loop and resumes SlowAPI with the answer. One thread, no blocking call,
 # SlowAPI unchanged; while a count waits for Redis, the loop serves other requests as at any await.
 # headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
@@ -574,11 +574,15 @@ WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_
 LIMITS_KEY_PREFIX = "LIMITS:"  # as `limits` names its keys
 
 
+def as_window(reply: Any, now: float) -> Window:
+    """WINDOW_SCRIPT's reply: [oldest hit, hits], or nothing for an empty window."""
+    return (float(reply[0]), int(reply[1])) if reply else (now, 0)
+
+
 async def read_window(key: str, limit: int, expiry: int) -> Window:
     """A moving window's oldest hit and number of hits, without consuming from it."""
     now = time.time()
-    window = await WINDOW_SCRIPT(keys=[LIMITS_KEY_PREFIX + key], args=[now - expiry, limit])
-    return (float(window[0]), int(window[1])) if window else (now, 0)
+    return as_window(await WINDOW_SCRIPT(keys=[LIMITS_KEY_PREFIX + key], args=[now - expiry, limit]), now)
 
 
 async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tuple[bool, Window]:
@@ -600,7 +604,7 @@ async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tupl
     for result in (acquired, window):
         if isinstance(result, Exception):
             raise result
-    return bool(acquired), (float(window[0]), int(window[1])) if window else (now, 0)
+    return bool(acquired), as_window(window, now)
 
 
 class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupport):
