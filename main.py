@@ -33,8 +33,10 @@ import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer
 from greenlet import getcurrent, greenlet
 from pydantic import (
@@ -46,6 +48,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio.cluster import ClusterNode
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -120,11 +123,17 @@ class RedisNodes:
         )
 
 
-class Settings(BaseModel):
-    """Configuration, read once from environment variables (upper-case field names)."""
+class Settings(BaseSettings):
+    """Configuration from environment variables (the field names in upper case), or from a `.env`
+    file in the working directory for those not set. An empty value counts as unset."""
 
-    # hide_input_in_errors: a rejected SECRET_KEY must not end up in the startup log.
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",  # the `.env` that compose reads also holds REDIS_PASSWORD
+        frozen=True,
+        hide_input_in_errors=True,  # a rejected SECRET_KEY must not end up in the startup log
+    )
 
     redis_uri: str = ""
     secret_key: SecretStr | None = None
@@ -218,22 +227,15 @@ class Settings(BaseModel):
             raise ValueError("SECRET_KEY and REDIS_URI must be set together, or neither (embedded store)")
         return self
 
-    @classmethod
-    def from_environment(cls) -> "Settings":
-        # An empty variable counts as unset, as in compose files and `.env` templates.
-        return cls.model_validate(
-            {name: value for name in cls.model_fields if (value := os.environ.get(name.upper()))}
-        )
-
 
 try:
-    settings = Settings.from_environment()
+    settings = Settings()
 except ValidationError as exc:
     problems = "\n".join(
         f"  {'.'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
         for error in exc.errors()
     )
-    raise SystemExit(f"Refusing to start; fix these environment variables:\n{problems}") from None
+    raise SystemExit(f"Refusing to start; fix these settings (environment or .env):\n{problems}") from None
 # Without a configured key, tokens only need to survive this process, so a random one is enough.
 SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_urlsafe(64)
 ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60
@@ -574,15 +576,17 @@ WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_
 LIMITS_KEY_PREFIX = "LIMITS:"  # as `limits` names its keys
 
 
-def as_window(reply: Any, now: float) -> Window:
-    """WINDOW_SCRIPT's reply: [oldest hit, hits], or nothing for an empty window."""
-    return (float(reply[0]), int(reply[1])) if reply else (now, 0)
+def as_window(reply: Any, window_start: float) -> Window:
+    """WINDOW_SCRIPT's reply: [oldest hit, hits], or nothing for an empty window, which reads as
+    if its oldest hit had just left it: it has room now."""
+    return (float(reply[0]), int(reply[1])) if reply else (window_start, 0)
 
 
 async def read_window(key: str, limit: int, expiry: int) -> Window:
     """A moving window's oldest hit and number of hits, without consuming from it."""
-    now = time.time()
-    return as_window(await WINDOW_SCRIPT(keys=[LIMITS_KEY_PREFIX + key], args=[now - expiry, limit]), now)
+    window_start = time.time() - expiry
+    reply = await WINDOW_SCRIPT(keys=[LIMITS_KEY_PREFIX + key], args=[window_start, limit])
+    return as_window(reply, window_start)
 
 
 async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tuple[bool, Window]:
@@ -604,15 +608,14 @@ async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tupl
     for result in (acquired, window):
         if isinstance(result, Exception):
             raise result
-    return bool(acquired), as_window(window, now)
+    return bool(acquired), as_window(window, now - expiry)
 
 
 class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupport):
     """The sync `limits` storage that SlowAPI counts with; its I/O is awaited on the loop.
 
     `limits` registers it under its URI scheme, so SlowAPI builds it from its public settings:
-    Limiter(storage_uri="async-bridge://"). SlowAPI's moving window calls only acquire_entry();
-    the rest serve strategies this app does not use, but are abstract in Storage.
+    Limiter(storage_uri="async-bridge://").
     """
 
     STORAGE_SCHEME = ["async-bridge"]  # noqa: RUF012 (a list, as limits declares it)
@@ -623,26 +626,11 @@ class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupp
         acquired, windows_read.get()[key] = await_only(count_and_read(key, limit, expiry, amount))
         return acquired
 
-    def get_moving_window(self, key: str, limit: int, expiry: int) -> Window:
-        return await_only(read_window(key, limit, expiry))
+    def _not_called(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("SlowAPI's moving window calls only acquire_entry()")
 
-    def check(self) -> bool:
-        return bool(await_only(store.ping()))
-
-    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        raise NotImplementedError("fixed windows are not used here")
-
-    def get(self, key: str) -> int:
-        raise NotImplementedError("fixed windows are not used here")
-
-    def get_expiry(self, key: str) -> float:
-        raise NotImplementedError("fixed windows are not used here")
-
-    def reset(self) -> int | None:
-        raise NotImplementedError("the store holds more than rate limits; clear it with Redis tools")
-
-    def clear(self, key: str) -> None:
-        raise NotImplementedError("fixed windows are not used here")
+    # Abstract in `limits`' storages, but never called here: they serve other strategies.
+    get_moving_window = check = incr = get = get_expiry = reset = clear = _not_called
 
 
 def client_address(request: Request) -> str:
@@ -662,8 +650,9 @@ limiter = Limiter(
     key_func=client_address, strategy="moving-window", storage_uri="async-bridge://", headers_enabled=False
 )
 
-# `limits`' scripts keep a hit's timestamp as Lua turns a number into text: 14 significant digits,
-# about 0.1 ms at today's epoch seconds. A millisecond covers that blur.
+# How far a hit's time can move on its way through Redis: `limits`' scripts store it as Lua
+# prints a number, with 14 significant digits, so 1795610850.12344 comes back as 1795610850.1234
+# (about 0.1 ms off at today's epoch). The rounding below adds this before it floors.
 TIMESTAMP_TOLERANCE = 0.001
 
 
@@ -683,11 +672,12 @@ class WindowState:
     limit: int
     window_seconds: int
     remaining: int
-    reset: float  # epoch seconds when the oldest hit in the window leaves it (inclusive)
+    reset: float  # epoch seconds until which the window's oldest hit still counts; now if empty
 
 
-# The window still holds a hit at exactly `reset`, hence floor() + 1 rather than ceil(): the two
-# functions below are never early, at worst a second late within TIMESTAMP_TOLERANCE of a whole one.
+# A hit counts while its age is at most the window, so at exactly `reset` the window is still
+# full, and room comes in the whole second after it: floor(reset) + 1, not ceil(reset). With
+# TIMESTAMP_TOLERANCE added first, these answers are never early, at worst one second late.
 def first_second_with_room(reset: float) -> int:
     """The first whole epoch second at which the window has room again (X-RateLimit-Reset)."""
     return math.floor(reset + TIMESTAMP_TOLERANCE) + 1
@@ -754,7 +744,10 @@ def user_rate_limit_key(request: Request) -> str:
     return request.state.user.username
 
 
-# One counter per plan, each with its own limit, picked by the user's plan on every request.
+# How limits become per endpoint: SlowAPI stores a count under the key function's value *and the
+# request's path* (its limit's key_for(key, request["path"])), so a counter decorated once counts
+# each endpoint that calls it apart. One counter per plan, picked by the user's plan on every
+# request, so a plan change applies at once.
 @limiter.limit(settings.rate_limit_free, key_func=user_rate_limit_key)
 def count_free_plan_call(request: Request) -> None:
     """SlowAPI counts a free-plan call here, per user and endpoint."""
@@ -1109,7 +1102,9 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
         headers = await rate_limit_headers(request.state.counted_windows, retry_after=True)
     except STORE_ERRORS as store_error:
         return await store_unavailable(request, store_error)
-    _, (key, scope) = request.state.view_rate_limit  # SlowAPI's note of the limit exceeded
+    # SlowAPI's note of the limit it checked last, as (limit, [key, path]): on a 429 that is the
+    # one exceeded, so on /token the IP limit or the IP + username one, whichever refused.
+    _, (key, scope) = request.state.view_rate_limit
     logger.warning("rate limit %s exceeded on %s by %r", exc.detail, scope, key)
     return error_response(
         request, status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers
@@ -1380,9 +1375,6 @@ class RateLimitStatus(BaseModel):
     endpoints: dict[str, EndpointLimit]
 
 
-PLAN_LIMITED_PATHS = ("/plan-limited-endpoint", "/premium-only-endpoint", "/users/me")
-
-
 @app.get(
     "/plan-limited-endpoint",
     summary="An endpoint limited by the caller's plan",
@@ -1397,7 +1389,9 @@ async def plan_limited(user: PlanLimitedUser) -> MessageOut:
     "/premium-only-endpoint",
     summary="An endpoint for the premium and admin plans",
     responses=error_responses(401, 403, 429, 503),
-    dependencies=[Depends(require_premium)],  # route dependencies run first: a 403 costs no quota
+    # Route dependencies run before the parameters' ones, so a free user's 403 costs no quota. Both
+    # need CurrentUser: FastAPI resolves a dependency once per request, so the token is checked once.
+    dependencies=[Depends(require_premium)],
 )
 async def premium_only(user: PlanLimitedUser) -> MessageOut:
     """Free users get a 403 that names their plan."""
@@ -1416,17 +1410,35 @@ async def read_me(user: PlanLimitedUser) -> UserOut:
     responses=error_responses(401, 503),
 )
 async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
-    """Reads every plan-limited endpoint's window without consuming from it."""
-    limit = PLAN_LIMITS[user.plan]
-    windows = [CountedWindow(user.plan.value, limit, user.username, path) for path in PLAN_LIMITED_PATHS]
+    """Reads the window of every endpoint your plan can call, without consuming from it. `reset`
+    is the first epoch second with room; an unused window has room now, so it says the next one."""
+    limit, paths = PLAN_LIMITS[user.plan], plan_limited_paths(user.plan)
+    windows = [CountedWindow(user.plan.value, limit, user.username, path) for path in paths]
     states = await asyncio.gather(*(window_state(window) for window in windows))
     endpoints = {
         path: EndpointLimit(
             limit=state.limit, remaining=state.remaining, reset=first_second_with_room(state.reset)
         )
-        for path, state in zip(PLAN_LIMITED_PATHS, states, strict=True)
+        for path, state in zip(paths, states, strict=True)
     }
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
+
+
+def depends_on(dependant: Dependant, dependency: Callable[..., Any]) -> bool:
+    return any(sub.call is dependency or depends_on(sub, dependency) for sub in dependant.dependencies)
+
+
+@functools.cache
+def plan_limited_paths(plan: Plan) -> tuple[str, ...]:
+    """The endpoints that count a plan's calls, read from the routes, so that a new route that
+    takes a PlanLimitedUser is listed by itself: all of them, less those it can only get a 403 from."""
+    return tuple(
+        route.path
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        and depends_on(route.dependant, plan_limited_user)
+        and not (plan is Plan.FREE and depends_on(route.dependant, require_premium))
+    )
 
 
 # --- Endpoints: health ---

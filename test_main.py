@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -149,11 +150,49 @@ def clock(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Fa
 # --- Settings ---
 
 
-def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No setting in the environment, and a working directory of its own (no `.env` in it yet)."""
+    for name in main.Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch, bare_environment: Path) -> None:
     monkeypatch.setenv("RATE_LIMIT_FREE", "3/minute")
     monkeypatch.setenv("ACCESS_TOKEN_EXPIRE_MINUTES", "5")
-    settings = main.Settings.from_environment()
+    settings = main.Settings()
     assert (settings.rate_limit_free, settings.access_token_expire_minutes) == ("3/minute", 5)
+
+
+def test_settings_read_a_dotenv_file(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text("RATE_LIMIT_FREE=3/minute\nREDIS_PASSWORD=for-compose\n")
+    assert main.Settings().rate_limit_free == "3/minute"
+
+
+def test_environment_wins_over_the_dotenv_file(
+    monkeypatch: pytest.MonkeyPatch, bare_environment: Path
+) -> None:
+    (bare_environment / ".env").write_text("RATE_LIMIT_FREE=3/minute\n")
+    monkeypatch.setenv("RATE_LIMIT_FREE", "4/minute")
+    assert main.Settings().rate_limit_free == "4/minute"
+
+
+def test_env_example_copied_as_it_comes_runs_the_embedded_store(bare_environment: Path) -> None:
+    example = (Path(__file__).parent / ".env.example").read_text()
+    (bare_environment / ".env").write_text(example)
+    assert main.Settings() == main.Settings(_env_file=None)  # every value the default
+    assert (main.Settings().redis_uri, main.Settings().secret_key) == ("", None)
+
+
+def test_dotenv_refusals_name_the_variable(bare_environment: Path) -> None:
+    (bare_environment / ".env").write_text("SECRET_KEY=change-me-to-a-long-random-string-of-64-chars\n")
+    with pytest.raises(ValidationError) as error:
+        main.Settings()
+    assert [(e["loc"], e["msg"]) for e in error.value.errors()] == [
+        (("secret_key",), f"Value error, is a placeholder; generate one: {main.GENERATE_SECRET}")
+    ]
 
 
 GOOD_SECRET = "k3Q9vXr2LmT8wYp4ZsN6bHc1JfD7gUe5"  # 32 characters, 32 distinct
@@ -201,6 +240,7 @@ GOOD_URI = "redis://localhost:6379/0"
         ),
     ],
 )
+@pytest.mark.usefixtures("bare_environment")
 def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         main.Settings.model_validate(values)
@@ -218,15 +258,18 @@ def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> Non
         "redis+cluster://:pw@[::1]:7000,10.0.0.2:7001",
     ],
 )
+@pytest.mark.usefixtures("bare_environment")
 def test_settings_accept_redis_uris_with_their_key(uri: str) -> None:
     settings = main.Settings.model_validate({"redis_uri": uri, "secret_key": GOOD_SECRET})
     assert settings.redis_uri == uri
 
 
-def test_settings_treat_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_treat_empty_variables_as_unset(
+    monkeypatch: pytest.MonkeyPatch, bare_environment: Path
+) -> None:
     monkeypatch.setenv("SECRET_KEY", "")
     monkeypatch.setenv("REDIS_URI", "")
-    settings = main.Settings.from_environment()
+    settings = main.Settings()
     assert (settings.secret_key, settings.redis_uri) == (None, "")
 
 
@@ -244,6 +287,7 @@ def test_settings_treat_empty_variables_as_unset(monkeypatch: pytest.MonkeyPatch
         ({"redis_uri": "redis+sentinel://:hunter2@h1:26379", "secret_key": GOOD_SECRET}, "hunter2"),
     ],
 )
+@pytest.mark.usefixtures("bare_environment")
 def test_settings_errors_never_echo_a_secret(values: dict[str, str], secret: str) -> None:
     with pytest.raises(ValidationError) as error:
         main.Settings.model_validate(values)
@@ -266,7 +310,7 @@ def test_bad_settings_stop_the_app_with_a_message() -> None:
     )
     assert result.returncode == 1
     assert result.stderr == (
-        "Refusing to start; fix these environment variables:\n"
+        "Refusing to start; fix these settings (environment or .env):\n"
         f"  REDIS_URI: Value error, {main.BAD_REDIS_URI}\n"
         "  SECRET_KEY: Value error, must be at least 32 bytes for HS256\n"
         "  RATE_LIMIT_FREE: Value error, is not a single rate limit like '10/minute'\n"
@@ -596,21 +640,29 @@ def test_premium_only_admits_premium_and_admin(client: TestClient, username: str
     assert r.json() == {"message": f"Welcome to the premium area, {username}"}
 
 
-def test_rate_limit_status_reports_each_endpoint(client: TestClient, clock: FakeClock) -> None:
+def test_rate_limit_status_reports_each_endpoint_a_free_user_can_call(
+    client: TestClient, clock: FakeClock
+) -> None:
     token = login(client)["access_token"]
     client.get("/users/me", headers=bearer(token))
+    clock.now += 10
     r = client.get("/rate-limit-status", headers=bearer(token))
     assert r.status_code == 200, r.text
-    reset = str(int(clock.now) + 61)
-    untouched = {"limit": 2, "remaining": 2, "reset": int(reset)}
     assert r.json() == {
         "plan": "free",
         "endpoints": {
-            "/plan-limited-endpoint": untouched,
-            "/premium-only-endpoint": untouched,
-            "/users/me": {"limit": 2, "remaining": 1, "reset": int(reset)},
+            # unused: room now, so the next whole second
+            "/plan-limited-endpoint": {"limit": 2, "remaining": 2, "reset": int(clock.now) + 1},
+            # used 10 s ago: room once that call is a full minute old
+            "/users/me": {"limit": 2, "remaining": 1, "reset": int(clock.now) - 10 + 61},
         },
     }
+
+
+def test_rate_limit_status_lists_every_plan_limited_endpoint_for_premium(client: TestClient) -> None:
+    r = client.get("/rate-limit-status", headers=bearer(login(client, "john_doe")["access_token"]))
+    assert r.status_code == 200, r.text
+    assert list(r.json()["endpoints"]) == ["/plan-limited-endpoint", "/premium-only-endpoint", "/users/me"]
 
 
 def test_rate_limit_status_consumes_no_quota(client: TestClient) -> None:
@@ -2032,21 +2084,12 @@ def test_openapi_error_models_and_request_bodies(client: TestClient) -> None:
     }
 
 
-def test_bridge_storage_pings_and_reads_windows(client: TestClient) -> None:
-    storage = main.limiter._storage
-    out: dict[str, Any] = {}
-
-    def sync(_: object) -> None:
-        out["check"] = storage.check()
-        out["window"] = storage.get_moving_window("k", 5, 60)
-
-    async def go() -> None:
-        await main.count_and_read("k", 5, 60, 1)
-        await main.greenlet_spawn(sync, None)
-
-    client.portal.call(go)
-    assert out["check"] is True
-    assert out["window"][1] == 1 and abs(out["window"][0] - time.time()) < 5
+@pytest.mark.parametrize(
+    "method", ["get_moving_window", "check", "incr", "get", "get_expiry", "reset", "clear"]
+)
+def test_bridge_storage_refuses_what_slowapis_moving_window_never_calls(method: str) -> None:
+    with pytest.raises(NotImplementedError, match="SlowAPI's moving window calls only acquire_entry"):
+        getattr(main.limiter._storage, method)("key", 1, 60)
 
 
 def test_body_limit_adds_up_the_chunks_of_one_body() -> None:
@@ -2345,3 +2388,113 @@ def test_logout_survives_the_primary_dying_right_after(shared_redis: str) -> Non
             lambda: replica.info("replication").get("master_link_status") == "up",
             "the old primary to replicate",
         )
+
+
+# --- The README's walkthrough, run as written ---
+
+# curl prints these too; the README leaves them out of its outputs, and says so.
+UNSHOWN_HEADERS = {"date", "server", "content-length", "content-type"}
+CHANGING_HEADERS = {"x-ratelimit-reset", "ratelimit", "retry-after"}  # compared with digits masked
+CHANGING_FIELDS = {"access_token", "refresh_token", "exp", "iat", "jti", "reset"}  # compared by type
+
+
+def walkthrough_steps() -> list[tuple[str, str]]:
+    """The README walkthrough's commands (```sh blocks), each with the output block after it."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    section = readme.split("\n## Walkthrough with curl\n")[1].split("\n## ")[0]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    return [
+        (text, following if following_kind in ("", "json") else "")
+        for (kind, text), (following_kind, following) in zip(blocks, [*blocks[1:], ("sh", "")], strict=True)
+        if kind == "sh"
+    ]
+
+
+def printed_responses(output: str) -> list[tuple[str, dict[str, str], Any]]:
+    """What curl printed, as (status line, headers, JSON body): one per `curl -i`, and one with
+    no status or headers per JSON body printed alone."""
+    lines, responses = output.replace("\r\n", "\n").splitlines(), []
+    while lines:
+        status, headers = "", {}
+        if lines[0].startswith("HTTP/"):
+            status = lines.pop(0)
+            while (line := lines.pop(0)) != "":
+                name, _, value = line.partition(": ")
+                headers[name.lower()] = value
+        responses.append((status, headers, json.loads(lines.pop(0))))
+    return responses
+
+
+def assert_same_json(shown: Any, printed: Any, field: str = "") -> None:
+    if field in CHANGING_FIELDS:
+        assert type(printed) is type(shown), field
+    elif isinstance(shown, dict):
+        assert list(printed) == list(shown)
+        for key, value in shown.items():
+            assert_same_json(value, printed[key], key)
+    else:
+        assert printed == shown, field
+
+
+def assert_output_as_shown(shown: str, printed: str) -> None:
+    assert printed == "" or printed.endswith("\n"), "the next command's output would be glued to it"
+    shown_responses, printed_responses_ = printed_responses(shown), printed_responses(printed)
+    assert len(printed_responses_) == len(shown_responses)
+    for (status, headers, body), (shown_status, shown_headers, shown_body) in zip(
+        printed_responses_, shown_responses, strict=True
+    ):
+        assert status == shown_status
+        assert set(headers) - set(shown_headers) <= UNSHOWN_HEADERS
+        for name, value in shown_headers.items():
+            masked = (lambda text: re.sub(r"\d+", "0", text)) if name in CHANGING_HEADERS else str
+            assert masked(headers.get(name, "(missing)")) == masked(value), name
+        assert_same_json(shown_body, body)
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """Every command of the walkthrough, pasted in order into one shell, against a fresh app on
+    the embedded store with the default settings; each output must match the README's."""
+    steps = walkthrough_steps()
+    assert len(steps) >= 10
+    env = {
+        name: value for name, value in os.environ.items() if name.lower() not in main.Settings.model_fields
+    }
+    port = free_port()
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--app-dir",
+            str(Path(__file__).parent),
+        ],
+        cwd=tmp_path,  # away from any .env of the project folder: the README shows the defaults
+        env=env,
+    )
+    try:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health") or app.poll() is not None, "the app")
+        separator = "--- next step ---"
+        script = "".join(f"{command}echo '{separator}'\n" for command, _ in steps)
+        shell = subprocess.run(
+            ["bash", "-c", script.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+    finally:
+        stop_process(app)
+    assert shell.stderr == ""
+    printed = shell.stdout.split(f"{separator}\n")
+    assert printed[-1] == "" and len(printed) == len(steps) + 1
+    for number, ((command, shown), output) in enumerate(zip(steps, printed, strict=False), start=1):
+        try:
+            assert_output_as_shown(shown, output)
+        except AssertionError as error:
+            raise AssertionError(f"step {number}:\n{command}\nprinted:\n{output}\n{error}") from None
