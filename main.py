@@ -337,10 +337,9 @@ def create_token(
     return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
 
 
-# A speed trick that earns its place: /users/me runs at 0.44 of /health's rate with it, 0.35
-# without (bench.sh full). A client sends the same access token on every request, so each
-# signature is checked once per token *and key* (a new key never reuses an old verdict); expiry
-# and revocation are still checked on every request. lru_cache keeps no raised result.
+# Worth it: /users/me runs at 0.44 of /health's rate with this cache, 0.35 without (bench.sh full).
+# A client sends the same token on every request: its signature is checked once per token *and
+# key* (a new key never reuses an old verdict), its expiry and revocation on every request.
 @functools.lru_cache(maxsize=4096)
 def verified_claims(token: str, key: str) -> TokenClaims:
     """The claims of a token that `key` signed, if they are ones this app writes."""
@@ -403,10 +402,9 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 #   token, expiring with it. Refreshing overwrites it, which revokes every older refresh token of
 #   the session at once (rotation), and makes presenting one of them detectable (reuse).
 REVOKED_KEY_PREFIX = "revoked:"
-# A cluster places each key on one node: a single sorted set would send every revocation check to
-# the same node. A session's entries go to one of these sets by its id, its access tokens' with
-# its own, so one ZMSCORE still answers a check. Changing the number strands existing entries in
-# the wrong set: they would no longer be found (revoke again, or wait for them to expire).
+# Spread over several sets, so that a cluster does not send every check to one node; a session's
+# entries and its access tokens' share a set, chosen by its id, so one ZMSCORE answers a check.
+# Changing the number strands existing entries in sets where they are no longer looked for.
 REVOKED_SETS = 16
 REFRESH_KEY_PREFIX = "refresh:"
 REDIS_OPTIONS: dict[str, Any] = {
@@ -526,13 +524,12 @@ async def remove_expired_revocations(now: float) -> int:
 
 # --- Rate limits ---
 
-# SlowAPI is synchronous: it picks keys, counts and raises RateLimitExceeded in plain function
-# calls, and waits for Redis through a sync `limits` storage. Rather than give it a thread (a GIL
-# hand-off per call), count_call() runs it in a greenlet on the event loop's own thread, the
-# technique of SQLAlchemy's asyncio support: the storage SlowAPI is given hands each Redis call
-# back to greenlet_spawn() as a coroutine (`limits`' own scripts, run on the store's client),
-# which awaits it on the loop and resumes SlowAPI with the answer. One thread, no blocking call,
-# SlowAPI unchanged; while a count waits for Redis, the loop serves other requests as at any await.
+# SlowAPI is synchronous: it picks keys, counts and raises RateLimitExceeded in plain calls, and
+# waits for Redis through a sync `limits` storage. Rather than a thread (a GIL hand-off per call),
+# count_call() runs it in a greenlet on the event loop's thread, as SQLAlchemy's asyncio support
+# does: the storage hands each Redis call (`limits`' own scripts, on the store's client) back to
+# greenlet_spawn() as a coroutine, which awaits it on the loop and resumes SlowAPI with the answer.
+# One thread, no blocking call, SlowAPI unchanged; while a count waits, the loop serves others.
 # headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
 # Retry-After that can be a second early; rate_limit_headers() below writes exact ones.
 T = TypeVar("T")
@@ -609,11 +606,8 @@ async def count_and_read(key: str, limit: int, expiry: int, amount: int) -> tupl
 
 
 class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupport):
-    """The sync `limits` storage that SlowAPI counts with; its I/O is awaited on the loop.
-
-    `limits` registers it under its URI scheme, so SlowAPI builds it from its public settings:
-    Limiter(storage_uri="async-bridge://").
-    """
+    """The sync `limits` storage that SlowAPI counts with; its I/O is awaited on the loop. `limits`
+    registers it by its URI scheme, so SlowAPI builds it from Limiter(storage_uri="async-bridge://")."""
 
     STORAGE_SCHEME = ["async-bridge"]  # noqa: RUF012 (a list, as limits declares it)
     base_exceptions = STORE_ERRORS
@@ -631,9 +625,8 @@ class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupp
 
 
 def client_address(request: Request) -> str:
-    """Whom the per-IP limits count: the client's IP address, with one IPv6 /64 (what one host is
-    usually given) as one client. Anything else, such as a bad X-Forwarded-For that a trusted
-    proxy passed on, counts as one single client: it never becomes a Redis key of its own."""
+    """Whom the per-IP limits count: the client's IP address, an IPv6 /64 (what one host is usually
+    given) as one client, and anything else (a bad X-Forwarded-For) as one client, "unknown"."""
     try:
         address = ipaddress.ip_address(request.client.host if request.client else "")
     except ValueError:
@@ -702,11 +695,8 @@ async def window_state(window: CountedWindow, read: dict[str, Window] | None = N
 async def rate_limit_headers(
     windows: tuple[CountedWindow, ...], *, retry_after: bool = False
 ) -> dict[str, str]:
-    """The headers of the limits that counted a call (and Retry-After for a 429).
-
-    X-RateLimit-* and the IETF RateLimit field (draft-ietf-httpapi-ratelimit-headers) speak for the
-    window nearest exhaustion; RateLimit-Policy lists every limit that counted the call.
-    """
+    """X-RateLimit-* and the IETF RateLimit field (draft-ietf-httpapi-ratelimit-headers) for the
+    window nearest exhaustion, RateLimit-Policy for all of them, and Retry-After for a 429."""
     read = windows_read.get()
     states = [await window_state(window, read) for window in windows]
     nearest = min(states, key=lambda state: (state.remaining, -state.reset))
@@ -726,11 +716,8 @@ async def rate_limit_headers(
 async def count_call(
     count: Callable[[Request], None], request: Request, response: Response, *windows: CountedWindow
 ) -> None:
-    """Count a call with a SlowAPI-decorated counter whose limits are `windows`, and send their
-    headers: on the response, and on request.state, where an error response picks them up.
-
-    Raises RateLimitExceeded when the call is over a limit.
-    """
+    """Count a call with a SlowAPI-decorated counter whose limits are `windows` (RateLimitExceeded
+    if over one), and put their headers on the response and on request.state, for error responses."""
     request.state.counted_windows = windows  # for the 429's headers
     windows_read.set({})
     await greenlet_spawn(count, request)
@@ -742,10 +729,9 @@ def user_rate_limit_key(request: Request) -> str:
     return request.state.user.username
 
 
-# How limits become per endpoint: SlowAPI stores a count under the key function's value *and the
-# request's path* (its limit's key_for(key, request["path"])), so a counter decorated once counts
-# each endpoint that calls it apart. One counter per plan, picked by the user's plan on every
-# request, so a plan change applies at once.
+# Per endpoint: SlowAPI stores a count under the key function's value *and the request's path*
+# (key_for(key, request["path"])), so one decorated counter counts each endpoint apart. One
+# counter per plan, picked by the user's plan on every request: a plan change applies at once.
 @limiter.limit(settings.rate_limit_free, key_func=user_rate_limit_key)
 def count_free_plan_call(request: Request) -> None:
     """SlowAPI counts a free-plan call here, per user and endpoint."""
@@ -987,10 +973,8 @@ def error_response(
 
 
 class BodySizeLimit:
-    """Refuses request bodies over max_bytes with a JSON 413, whether or not they declare a length.
-
-    (Starlette's own RequestBodyLimitMiddleware answers in plain text; every error here is JSON.)
-    """
+    """Refuses request bodies over max_bytes with a JSON 413, whether or not they declare a length
+    (Starlette's own RequestBodyLimitMiddleware answers in plain text; every error here is JSON)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -1027,9 +1011,8 @@ async def cleanup_revocations_forever(interval: float, stopping: asyncio.Event) 
         try:
             removed = await remove_expired_revocations(time.time())
         except STORE_ERRORS as exc:
-            # The store may be down for a while: try again next tick. (A cancellation that lands
-            # inside a redis-py command can surface here as a ConnectionError; `stopping` ends
-            # the loop then.)
+            # The store may be down for a while: try again next tick. (A cancellation inside a
+            # redis-py command can surface here as a ConnectionError; `stopping` ends the loop.)
             logger.warning("revocation cleanup failed, retrying in %ss: %r", interval, exc)
             continue
         if removed:
