@@ -32,6 +32,7 @@ import limits
 import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
+from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -96,8 +97,8 @@ MINUTES_PER_YEAR = 365 * 24 * 60
 # A moving window keeps one Redis entry per call it counts: past this many, memory gives out first.
 MAX_CALLS_PER_WINDOW = 10_000_000
 GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'"
-SINGLE_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SENTINEL_SCHEME, CLUSTER_SCHEME = "redis+sentinel://", "redis+cluster://"  # the forms `limits` documents
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)
 BAD_REDIS_URI = "is not a URL that redis-py accepts (check hosts, ports, database, options)"
 
 
@@ -167,10 +168,8 @@ class Settings(BaseSettings):
     def _usable_redis_uri(cls, value: str) -> str:
         if not value:
             return value
-        if not value.startswith((*SINGLE_REDIS_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME)):
-            raise ValueError(
-                "must start with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
-            )
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(REDIS_SCHEMES)}")
         if not value.isascii():
             raise ValueError(BAD_REDIS_URI)
         # `from None` below: redis-py's messages may hold the password.
@@ -188,8 +187,7 @@ class Settings(BaseSettings):
         if database and not database.isdigit():
             raise ValueError(BAD_REDIS_URI)
         try:
-            # Building a connection object (it does not connect) checks every part that redis-py
-            # reads: host, port, database and options.
+            # A connection object (not connected) checks what redis-py reads: host, port, db, options.
             redis.asyncio.ConnectionPool.from_url(value).make_connection()
         except (ValueError, TypeError, RedisError):
             raise ValueError(BAD_REDIS_URI) from None
@@ -221,6 +219,18 @@ class Settings(BaseSettings):
         # worker, a logged-out token would be accepted again.
         if bool(self.redis_uri) != (self.secret_key is not None):
             raise ValueError("SECRET_KEY and REDIS_URI must be set together, or neither (embedded store)")
+        return self
+
+    @model_validator(mode="after")
+    def _nothing_for_slowapi_to_read(self) -> "Settings":
+        # SlowAPI reads RATELIMIT_* variables itself, from the environment and .env, over what this
+        # file configures: RATELIMIT_ENABLED=false or RATELIMIT_SWALLOW_ERRORS=true would let calls
+        # through uncounted. This app sets SlowAPI up in code only, so it refuses them.
+        names = sorted(
+            name for name in {*os.environ, *dotenv_values(".env")} if name.startswith("RATELIMIT_")
+        )
+        if names:
+            raise ValueError(f"remove {', '.join(names)}: SlowAPI would read it; set RATE_LIMIT_* instead")
         return self
 
 
@@ -337,9 +347,9 @@ def create_token(
     return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
 
 
-# Worth it: /users/me runs at 0.44 of /health's rate with this cache, 0.35 without (bench.sh full).
-# A client sends the same token on every request: its signature is checked once per token *and
-# key* (a new key never reuses an old verdict), its expiry and revocation on every request.
+# Worth it: /users/me runs at 0.44 of /health's rate with this cache, 0.35 without. A client
+# sends the same token on every request: its signature is checked once per token *and key* (a new
+# key never reuses an old verdict), its expiry and revocation on every request.
 @functools.lru_cache(maxsize=4096)
 def verified_claims(token: str, key: str) -> TokenClaims:
     """The claims of a token that `key` signed, if they are ones this app writes."""
@@ -394,13 +404,12 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 
 # --- Revocation store ---
 
-# Two structures, both sized by what is revoked or alive, never by traffic:
-# - "revoked:<n>", sorted sets. Member: a revoked access token's jti or a revoked session's sid.
-#   Score: the epoch second after which nothing it blocks could be used anyway. Cleanup removes
-#   entries by score, so it can never un-revoke a token that is still alive.
-# - "refresh:<sid>", one string per live session: the jti of the session's one valid refresh
-#   token, expiring with it. Refreshing overwrites it, which revokes every older refresh token of
-#   the session at once (rotation), and makes presenting one of them detectable (reuse).
+# Two structures, sized by what is revoked or alive, never by traffic:
+# - "revoked:<n>", sorted sets of revoked access tokens' jti and revoked sessions' sid, each scored
+#   with the epoch second after which nothing it blocks could be used: cleanup removes entries by
+#   score, so it can never un-revoke a live token.
+# - "refresh:<sid>", per live session: the jti of its one valid refresh token, expiring with it.
+#   Refreshing overwrites it (rotation), so an older refresh token presented again is detected.
 REVOKED_KEY_PREFIX = "revoked:"
 # Spread over several sets, so that a cluster does not send every check to one node; a session's
 # entries and its access tokens' share a set, chosen by its id, so one ZMSCORE answers a check.
@@ -439,18 +448,13 @@ def redis_client(uri: str) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
 if settings.redis_uri:
     store = redis_client(settings.redis_uri)
 else:
+    # fakeredis: a Redis inside this process, behind the same client API (the tests can stop it).
     embedded_server = fakeredis.FakeServer()
     store = fakeredis.FakeAsyncRedis(server=embedded_server)
 
 
 def refresh_key(session_id: str) -> str:
     return REFRESH_KEY_PREFIX + session_id
-
-
-def session_revocation_deadline(now: float) -> int:
-    # A session's entry blocks its access tokens (its refresh token is blocked by deleting its
-    # record, which also stops any new ones being minted), and each of those was minted by now.
-    return int(now) + ACCESS_TOKEN_LIFETIME
 
 
 async def start_session(refresh: TokenClaims) -> None:
@@ -500,9 +504,10 @@ async def revoke_access_token(claims: TokenClaims) -> None:
 
 
 async def revoke_session(session_id: str, now: float) -> None:
-    """Revoke every token of a login: its access tokens by sid, its refresh token by deletion."""
+    """Revoke every token of a login: its access tokens by sid, its refresh token by deletion
+    (which also stops new ones being minted). The access tokens were all minted by `now`."""
     async with store.pipeline(transaction=False) as pipe:
-        pipe.zadd(revoked_key(session_id), {session_id: session_revocation_deadline(now)}, gt=True)
+        pipe.zadd(revoked_key(session_id), {session_id: int(now) + ACCESS_TOKEN_LIFETIME}, gt=True)
         pipe.delete(refresh_key(session_id))
         await durably(pipe)
 
@@ -530,8 +535,6 @@ async def remove_expired_revocations(now: float) -> int:
 # does: the storage hands each Redis call (`limits`' own scripts, on the store's client) back to
 # greenlet_spawn() as a coroutine, which awaits it on the loop and resumes SlowAPI with the answer.
 # One thread, no blocking call, SlowAPI unchanged; while a count waits, the loop serves others.
-# headers_enabled=False because SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
-# Retry-After that can be a second early; rate_limit_headers() below writes exact ones.
 T = TypeVar("T")
 Window = tuple[float, int]  # a moving window's oldest hit (epoch seconds) and its number of hits
 # The windows that this request's counts read, by key: count_call() gives each request its own.
@@ -567,7 +570,7 @@ def await_only(awaitable: Awaitable[T]) -> T:
 # `limits`' own moving-window scripts, run on the store's one client, whatever its topology.
 COUNT_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
 WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_WINDOW)
-LIMITS_KEY_PREFIX = "LIMITS:"  # `limits`' Redis storages put it before every key SlowAPI passes
+LIMITS_KEY_PREFIX = "LIMITS:"  # what `limits`' own Redis storage puts before SlowAPI's keys
 
 
 def as_window(reply: Any, window_start: float) -> Window:
@@ -636,14 +639,11 @@ def client_address(request: Request) -> str:
     return str(address)
 
 
+# headers_enabled=False: SlowAPI's own headers carry a fractional X-RateLimit-Reset and a
+# Retry-After that can be a second early; rate_limit_headers() below writes exact ones.
 limiter = Limiter(
     key_func=client_address, strategy="moving-window", storage_uri="async-bridge://", headers_enabled=False
 )
-
-# How far a hit's time can move on its way through Redis: `limits`' scripts store it as Lua
-# prints a number, with 14 significant digits, so 1795610850.12344 comes back as 1795610850.1234
-# (about 0.1 ms off at today's epoch). The rounding below adds this before it floors.
-TIMESTAMP_TOLERANCE = 0.001
 
 
 @dataclass(frozen=True)
@@ -666,8 +666,13 @@ class WindowState:
 
 
 # A hit counts while its age is at most the window, so at exactly `reset` the window is still
-# full, and room comes in the whole second after it: floor(reset) + 1, not ceil(reset). With
-# TIMESTAMP_TOLERANCE added first, these answers are never early, at worst one second late.
+# full, and room comes in the whole second after it: floor(reset) + 1, not ceil(reset). The window
+# script returns the oldest hit's time through Lua's tostring(), with 14 significant digits: up to
+# 0.05 ms off at today's epoch, either way. Adding TIMESTAMP_TOLERANCE before flooring covers that,
+# so these answers are never early, at worst one second late.
+TIMESTAMP_TOLERANCE = 0.001
+
+
 def first_second_with_room(reset: float) -> int:
     """The first whole epoch second at which the window has room again (X-RateLimit-Reset)."""
     return math.floor(reset + TIMESTAMP_TOLERANCE) + 1
@@ -718,6 +723,7 @@ async def count_call(
 ) -> None:
     """Count a call with a SlowAPI-decorated counter whose limits are `windows` (RateLimitExceeded
     if over one), and put their headers on the response and on request.state, for error responses."""
+    # SlowAPI counts once per request (it marks request.state), so a request counts in one call.
     request.state.counted_windows = windows  # for the 429's headers
     windows_read.set({})
     await greenlet_spawn(count, request)
@@ -859,14 +865,23 @@ class OAuth2Error(HTTPException):
         self.error = error
 
 
+def ip_window(request: Request) -> CountedWindow:
+    return CountedWindow("ip", ANONYMOUS_LIMIT, client_address(request), request["path"])
+
+
 async def ip_rate_limit(request: Request, response: Response) -> None:
-    # request["path"] is the path as SlowAPI reads it.
-    window = CountedWindow("ip", ANONYMOUS_LIMIT, client_address(request), request["path"])
-    await count_call(count_anonymous_call, request, response, window)
+    await count_call(count_anonymous_call, request, response, ip_window(request))
 
 
 async def refresh_grant(request: Request) -> RefreshGrant:
     return parsed(RefreshGrant, await request_fields(request))
+
+
+async def token_request(request: Request) -> TokenRequest:
+    return parsed(TokenRequest, await request_fields(request))
+
+
+PresentedToken = Annotated[TokenRequest, Depends(token_request)]
 
 
 async def token_grant(request: Request, response: Response) -> PasswordGrant | RefreshGrant:
@@ -877,18 +892,14 @@ async def token_grant(request: Request, response: Response) -> PasswordGrant | R
         await ip_rate_limit(request, response)  # as on /refresh
         return parsed(RefreshGrant, fields)
     if grant_type != "password":
-        raise OAuth2Error(
-            status.HTTP_400_BAD_REQUEST,
-            "unsupported_grant_type",
-            "grant_type must be password or refresh_token",
-        )
+        detail = "grant_type must be password or refresh_token"
+        raise OAuth2Error(status.HTTP_400_BAD_REQUEST, "unsupported_grant_type", detail)
     grant = parsed(PasswordGrant, fields)
     request.state.login_username = grant.username  # the login limit's key reads it
-    ip = CountedWindow("ip", ANONYMOUS_LIMIT, client_address(request), request["path"])
     ip_and_username = CountedWindow(
         "ip+username", LOGIN_LIMIT, login_rate_limit_key(request), request["path"]
     )
-    await count_call(count_login, request, response, ip, ip_and_username)
+    await count_call(count_login, request, response, ip_window(request), ip_and_username)
     return grant
 
 
@@ -910,11 +921,10 @@ async def access_claims(token: Annotated[str, Depends(oauth2_scheme)]) -> TokenC
 AccessClaims = Annotated[TokenClaims, Depends(access_claims)]
 
 
-async def current_user(request: Request, claims: AccessClaims) -> User:
+async def current_user(claims: AccessClaims) -> User:
     user = USERS.get(claims.sub)
     if user is None:
         raise bearer_error("Unknown user")
-    request.state.user = user  # the plan limit's key function reads it from here
     return user
 
 
@@ -922,6 +932,7 @@ CurrentUser = Annotated[User, Depends(current_user)]
 
 
 async def plan_limited_user(request: Request, response: Response, user: CurrentUser) -> User:
+    request.state.user = user  # the plan limit's key function reads it from here
     window = CountedWindow(user.plan.value, PLAN_LIMITS[user.plan], user.username, request["path"])
     await count_call(PLAN_COUNTERS[user.plan], request, response, window)
     return user
@@ -945,7 +956,8 @@ async def require_premium(user: CurrentUser) -> None:
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 OAUTH2_PATHS = {"/token", "/refresh", "/revoke", "/introspect"}
 # RFC 6749 §5.2's code for each error status of those endpoints; any other 4xx is invalid_request.
-# (RFC 6749 answers a bad grant with 400; this app keeps the seed's 401, and clients read `error`.)
+# (RFC 6749 answers a bad grant with 400; this app answers 401, as FastAPI's tutorial does, and
+# clients go by `error`.)
 OAUTH2_ERROR_CODES = {
     status.HTTP_401_UNAUTHORIZED: "invalid_grant",
     status.HTTP_429_TOO_MANY_REQUESTS: "temporarily_unavailable",
@@ -954,12 +966,7 @@ OAUTH2_ERROR_CODES = {
 
 
 def error_response(
-    request: Request,
-    status_code: int,
-    detail: Any,
-    headers: Mapping[str, str] | None = None,
-    *,
-    error: str = "",
+    request: Request, status_code: int, detail: Any, headers: Mapping[str, str] | None = None, error: str = ""
 ) -> JSONResponse:
     """Every error this app sends: JSON with `detail`, and the rate-limit headers of a counted call.
     From the OAuth2 endpoints also RFC 6749's `error` and `error_description`, which clients read."""
@@ -1083,10 +1090,9 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
         headers = await rate_limit_headers(request.state.counted_windows, retry_after=True)
     except STORE_ERRORS as store_error:
         return await store_unavailable(request, store_error)
-    # SlowAPI's note of the limit it checked last, as (limit, [key, path]): on a 429 that is the
-    # one exceeded, so on /token the IP limit or the IP + username one, whichever refused.
-    _, (key, scope) = request.state.view_rate_limit
-    logger.warning("rate limit %s exceeded on %s by %r", exc.detail, scope, key)
+    refused = exc.limit  # the limit that refused: on /token, the IP one or the IP + username one
+    key = refused.key_func(request) if refused else "unknown"
+    logger.warning("rate limit %s exceeded on %s by %r", exc.detail, request["path"], key)
     return error_response(
         request, status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers
     )
@@ -1237,13 +1243,6 @@ async def logout(claims: AccessClaims) -> MessageOut:
     return MessageOut(message="Logged out")
 
 
-async def token_request(request: Request) -> TokenRequest:
-    return parsed(TokenRequest, await request_fields(request))
-
-
-PresentedToken = Annotated[TokenRequest, Depends(token_request)]
-
-
 @app.post(
     "/revoke",
     summary="Revoke a token you hold (RFC 7009)",
@@ -1385,6 +1384,23 @@ async def read_me(user: PlanLimitedUser) -> UserOut:
     return UserOut(username=user.username, full_name=user.full_name, plan=user.plan)
 
 
+def depends_on(dependant: Dependant, dependency: Callable[..., Any]) -> bool:
+    return any(sub.call is dependency or depends_on(sub, dependency) for sub in dependant.dependencies)
+
+
+@functools.cache
+def plan_limited_paths(plan: Plan) -> tuple[str, ...]:
+    """The endpoints that count a plan's calls, read from the routes, so that a new route that
+    takes a PlanLimitedUser is listed by itself: all of them, less those it can only get a 403 from."""
+    return tuple(
+        route.path
+        for route in app.routes
+        if isinstance(route, APIRoute)
+        and depends_on(route.dependant, plan_limited_user)
+        and not (plan is Plan.FREE and depends_on(route.dependant, require_premium))
+    )
+
+
 @app.get(
     "/rate-limit-status",
     summary="Your plan and what is left of each limit",
@@ -1403,23 +1419,6 @@ async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
         for path, state in zip(paths, states, strict=True)
     }
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
-
-
-def depends_on(dependant: Dependant, dependency: Callable[..., Any]) -> bool:
-    return any(sub.call is dependency or depends_on(sub, dependency) for sub in dependant.dependencies)
-
-
-@functools.cache
-def plan_limited_paths(plan: Plan) -> tuple[str, ...]:
-    """The endpoints that count a plan's calls, read from the routes, so that a new route that
-    takes a PlanLimitedUser is listed by itself: all of them, less those it can only get a 403 from."""
-    return tuple(
-        route.path
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        and depends_on(route.dependant, plan_limited_user)
-        and not (plan is Plan.FREE and depends_on(route.dependant, require_premium))
-    )
 
 
 # --- Endpoints: health ---

@@ -186,6 +186,22 @@ def test_env_example_copied_as_it_comes_runs_the_embedded_store(bare_environment
     assert (main.Settings().redis_uri, main.Settings().secret_key) == ("", None)
 
 
+@pytest.mark.parametrize("where", ["environment", ".env"])
+def test_settings_refuse_slowapis_own_variables(
+    monkeypatch: pytest.MonkeyPatch, bare_environment: Path, where: str
+) -> None:
+    # RATELIMIT_ENABLED=false would switch every limit off inside SlowAPI.
+    if where == "environment":
+        monkeypatch.setenv("RATELIMIT_ENABLED", "false")
+    else:
+        (bare_environment / ".env").write_text("RATELIMIT_ENABLED=false\n")
+    with pytest.raises(ValidationError) as error:
+        main.Settings()
+    assert [(e["loc"], e["msg"]) for e in error.value.errors()] == [
+        ((), "Value error, remove RATELIMIT_ENABLED: SlowAPI would read it; set RATE_LIMIT_* instead")
+    ]
+
+
 def test_dotenv_refusals_name_the_variable(bare_environment: Path) -> None:
     (bare_environment / ".env").write_text("SECRET_KEY=change-me-to-a-long-random-string-of-64-chars\n")
     with pytest.raises(ValidationError) as error:
@@ -212,7 +228,7 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"secret_key": GOOD_SECRET + "\udcff"}, "must be printable ASCII"),  # a non-UTF-8 byte
         ({"redis_uri": GOOD_URI}, "SECRET_KEY and REDIS_URI must be set together"),
         ({"secret_key": GOOD_SECRET}, "SECRET_KEY and REDIS_URI must be set together"),
-        ({"redis_uri": "http://localhost"}, "must start with redis://"),
+        ({"redis_uri": "http://localhost"}, "must start with one of redis://, rediss://, unix://"),
         ({"redis_uri": "redis://localhost:99999/0"}, "is not a URL that redis-py accepts"),
         ({"redis_uri": "redis://localhost:port/0"}, "is not a URL that redis-py accepts"),
         ({"redis_uri": "redis://localhost:6379/0?colour=blue"}, "is not a URL that redis-py accepts"),
