@@ -119,9 +119,8 @@ class RedisNodes:
         if any(not host or not port.isdigit() or not 0 < int(port) < 65536 for host, _, port in nodes):
             raise ValueError("every host needs a port")
         password = urllib.parse.unquote(credentials.partition(":")[2]) or None
-        return cls(
-            [(host.strip("[]"), int(port)) for host, _, port in nodes], password, parts.path.strip("/")
-        )
+        hosts_and_ports = [(host.strip("[]"), int(port)) for host, _, port in nodes]
+        return cls(hosts_and_ports, password, parts.path.strip("/"))
 
 
 def one_rate_limit(value: str) -> str:
@@ -237,11 +236,11 @@ class Settings(BaseSettings):
 try:
     settings = Settings()
 except ValidationError as exc:
-    problems = "\n".join(
-        f"  {'.'.join(str(part) for part in error['loc']).upper() or 'SETTINGS'}: {error['msg']}"
-        for error in exc.errors()
-    )
-    raise SystemExit(f"Refusing to start; fix these settings (environment or .env):\n{problems}") from None
+    problems = ""
+    for error in exc.errors():  # led by its variable; the pair check names both in its message
+        variable = f"{error['loc'][0]}: ".upper() if error["loc"] else ""
+        problems += f"\n  {variable}{error['msg'].removeprefix('Value error, ')}"
+    raise SystemExit(f"Refusing to start; fix these settings (environment or .env):{problems}") from None
 # Without a configured key, tokens only need to survive this process, so a random one is enough.
 SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_urlsafe(64)
 ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60
@@ -841,9 +840,8 @@ async def request_fields(request: Request) -> Any:
             return dict(form)
     except (ValueError, RecursionError):  # what json raises for a malformed or too deeply nested body
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Request body is malformed") from None
-    raise HTTPException(
-        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=f"Send application/json or {FORM_TYPE}"
-    )
+    detail = f"Send application/json or {FORM_TYPE}"
+    raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=detail)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -943,10 +941,8 @@ PlanLimitedUser = Annotated[User, Depends(plan_limited_user)]
 
 async def require_premium(user: CurrentUser) -> None:
     if user.plan is Plan.FREE:
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            detail=f"This endpoint needs the premium or admin plan; yours is {user.plan.value}",
-        )
+        detail = f"This endpoint needs the premium or admin plan; yours is {user.plan.value}"
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=detail)
 
 
 # --- App, lifespan and cleanup task ---
@@ -1064,9 +1060,8 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Fail closed: without the store, no token can be checked for revocation and no limit counted.
     logger.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
-    return error_response(
-        request, status.HTTP_503_SERVICE_UNAVAILABLE, "Token store unavailable; try again shortly"
-    )
+    detail = "Token store unavailable; try again shortly"
+    return error_response(request, status.HTTP_503_SERVICE_UNAVAILABLE, detail)
 
 
 @app.exception_handler(RequestValidationError)
@@ -1093,9 +1088,8 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
     refused = exc.limit  # the limit that refused: on /token, the IP one or the IP + username one
     key = refused.key_func(request) if refused else "unknown"
     logger.warning("rate limit %s exceeded on %s by %r", exc.detail, request["path"], key)
-    return error_response(
-        request, status.HTTP_429_TOO_MANY_REQUESTS, f"Rate limit exceeded: {exc.detail}", headers
-    )
+    detail = f"Rate limit exceeded: {exc.detail}"
+    return error_response(request, status.HTTP_429_TOO_MANY_REQUESTS, detail, headers)
 
 
 # --- Endpoints: tokens ---
