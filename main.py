@@ -32,7 +32,6 @@ import limits
 import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
-from dotenv import dotenv_values
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -220,19 +219,8 @@ class Settings(BaseSettings):
             raise ValueError("SECRET_KEY and REDIS_URI must be set together, or neither (embedded store)")
         return self
 
-    @model_validator(mode="after")
-    def _nothing_for_slowapi_to_read(self) -> "Settings":
-        # SlowAPI reads RATELIMIT_* variables itself, from the environment and .env, over what this
-        # file configures: RATELIMIT_ENABLED=false or RATELIMIT_SWALLOW_ERRORS=true would let calls
-        # through uncounted. This app sets SlowAPI up in code only, so it refuses them.
-        names = sorted(
-            name for name in {*os.environ, *dotenv_values(".env")} if name.startswith("RATELIMIT_")
-        )
-        if names:
-            raise ValueError(f"remove {', '.join(names)}: SlowAPI would read it; set RATE_LIMIT_* instead")
-        return self
 
-
+REFUSAL = "Refusing to start; fix these settings (environment or .env):"
 try:
     settings = Settings()
 except ValidationError as exc:
@@ -240,7 +228,9 @@ except ValidationError as exc:
     for error in exc.errors():  # led by its variable; the pair check names both in its message
         variable = f"{error['loc'][0]}: ".upper() if error["loc"] else ""
         problems += f"\n  {variable}{error['msg'].removeprefix('Value error, ')}"
-    raise SystemExit(f"Refusing to start; fix these settings (environment or .env):{problems}") from None
+    raise SystemExit(REFUSAL + problems) from None
+except (OSError, UnicodeDecodeError) as exc:  # an unreadable .env; its content stays unprinted
+    raise SystemExit(f"{REFUSAL}\n  .env: cannot be read as UTF-8 text ({type(exc).__name__})") from None
 # Without a configured key, tokens only need to survive this process, so a random one is enough.
 SECRET_KEY = settings.secret_key.get_secret_value() if settings.secret_key else secrets.token_urlsafe(64)
 ACCESS_TOKEN_LIFETIME = settings.access_token_expire_minutes * 60
@@ -643,6 +633,13 @@ def client_address(request: Request) -> str:
 limiter = Limiter(
     key_func=client_address, strategy="moving-window", storage_uri="async-bridge://", headers_enabled=False
 )
+# SlowAPI also reads RATELIMIT_* settings of its own, from the environment and .env (with its own
+# parser), over the arguments above: RATELIMIT_ENABLED=false would switch every limit off. This
+# app's limits are set in code and by RATE_LIMIT_*, so it refuses to start while SlowAPI sees any.
+seen_by_slowapi = {*limiter.app_config.environ, *limiter.app_config.file_values}
+if its_own := sorted(name for name in seen_by_slowapi if name.startswith("RATELIMIT_")):
+    names = ascii(", ".join(its_own))[1:-1]  # escaped: a name can hold control characters
+    raise SystemExit(f"{REFUSAL}\n  {names}: SlowAPI would read these; remove them (see RATE_LIMIT_*)")
 
 
 @dataclass(frozen=True)
