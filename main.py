@@ -487,8 +487,7 @@ async def durably(pipe: Any) -> None:
 
 async def revoke_access_token(claims: TokenClaims) -> None:
     async with store.pipeline(transaction=False) as pipe:
-        # GT: revoking again may lengthen an entry, never shorten it.
-        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp}, gt=True)
+        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp})  # the same score every time
         await durably(pipe)
 
 
@@ -496,6 +495,7 @@ async def revoke_session(session_id: str, now: float) -> None:
     """Revoke every token of a login: its access tokens by sid, its refresh token by deletion
     (which also stops new ones being minted). The access tokens were all minted by `now`."""
     async with store.pipeline(transaction=False) as pipe:
+        # GT: revoking again (from a worker whose clock is behind, say) never shortens the entry.
         pipe.zadd(revoked_key(session_id), {session_id: int(now) + ACCESS_TOKEN_LIFETIME}, gt=True)
         pipe.delete(refresh_key(session_id))
         await durably(pipe)

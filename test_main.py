@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import bcrypt
 import httpx2
@@ -31,7 +31,8 @@ import redis.asyncio
 import redis.cluster
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fakeredis._clients._async import FakeBaseAsyncConnection
-from fastapi import HTTPException
+from fastapi import Depends, HTTPException
+from fastapi.dependencies.utils import get_dependant
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ClusterDownError
@@ -244,6 +245,27 @@ GOOD_URI = "redis://localhost:6379/0"
 def test_settings_refuse_bad_values(values: dict[str, str], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         main.Settings.model_validate(values)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("lots", "is not a single rate limit like '10/minute'"),
+        ("2/minute;5/hour", "is not a single rate limit like '10/minute'"),
+        ("0/minute", "must allow from 1 to 10,000,000 calls"),
+        ("10000001/minute", "must allow from 1 to 10,000,000 calls"),
+        ("1/525601 minute", "must have a window of at most a year"),  # a year and a minute
+    ],
+)
+def test_rate_limit_settings_refuse_what_is_past_their_bounds(value: str, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        main.one_rate_limit(value)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("value", ["1/second", "10000000/minute", "1/day", "1/525600 minute"])
+def test_rate_limit_settings_accept_up_to_their_bounds(value: str) -> None:
+    assert main.one_rate_limit(value) == value
 
 
 @pytest.mark.parametrize(
@@ -713,6 +735,18 @@ def test_rate_limit_status_lists_every_plan_limited_endpoint_for_premium(client:
     r = client.get("/rate-limit-status", headers=bearer(login(client, "john_doe")["access_token"]))
     assert r.status_code == 200, r.text
     assert list(r.json()["endpoints"]) == ["/plan-limited-endpoint", "/premium-only-endpoint", "/users/me"]
+
+
+def test_plan_limited_paths_find_the_plan_limit_at_any_depth() -> None:
+    # A route that reaches PlanLimitedUser through a dependency of its own is counted, so listed.
+    async def wrapper(user: main.PlanLimitedUser) -> main.User:
+        return user
+
+    async def endpoint(user: Annotated[main.User, Depends(wrapper)]) -> None: ...
+
+    dependant = get_dependant(path="/wrapped", call=endpoint)
+    assert main.depends_on(dependant, main.plan_limited_user)
+    assert not main.depends_on(dependant, main.require_premium)
 
 
 def test_rate_limit_status_consumes_no_quota(client: TestClient) -> None:
@@ -2138,8 +2172,17 @@ def test_openapi_error_models_and_request_bodies(client: TestClient) -> None:
     "method", ["get_moving_window", "check", "incr", "get", "get_expiry", "reset", "clear"]
 )
 def test_bridge_storage_refuses_what_slowapis_moving_window_never_calls(method: str) -> None:
-    with pytest.raises(NotImplementedError, match="SlowAPI's moving window calls only acquire_entry"):
+    with pytest.raises(NotImplementedError) as error:
         getattr(main.limiter._storage, method)("key", 1, 60)
+    assert str(error.value) == "SlowAPI's moving window calls only acquire_entry()"
+
+
+def test_await_only_refuses_to_run_outside_the_bridge() -> None:
+    pause = asyncio.sleep(0)
+    with pytest.raises(RuntimeError) as error:
+        main.await_only(pause)
+    pause.close()
+    assert str(error.value) == "await_only() works only inside greenlet_spawn()"
 
 
 def test_body_limit_adds_up_the_chunks_of_one_body() -> None:
