@@ -965,7 +965,8 @@ def error_response(
     From the OAuth2 endpoints also RFC 6749's `error` and `error_description`, which clients read."""
     body = {"detail": detail}
     headers = {**getattr(request.state, "rate_limit_headers", {}), **(headers or {})}
-    if request["path"] in OAUTH2_PATHS:
+    # Behind a proxy, uvicorn --root-path puts the app's prefix in front of the path; not ours.
+    if request["path"].removeprefix(request.scope.get("root_path", "")) in OAUTH2_PATHS:
         body["error"] = error or OAUTH2_ERROR_CODES.get(status_code, "invalid_request")
         body["error_description"] = detail if isinstance(detail, str) else "A field is missing or invalid"
         headers.update(NO_STORE)
@@ -1397,11 +1398,12 @@ def plan_limited_paths(plan: Plan) -> tuple[str, ...]:
     summary="Your plan and what is left of each limit",
     responses=error_responses(401, 503),
 )
-async def rate_limit_status(user: CurrentUser) -> RateLimitStatus:
+async def rate_limit_status(request: Request, user: CurrentUser) -> RateLimitStatus:
     """Reads the window of every endpoint your plan can call, without consuming from it. `reset`
     is the first epoch second with room; an unused window has room now, so it says the next one."""
     limit, paths = PLAN_LIMITS[user.plan], plan_limited_paths(user.plan)
-    windows = [CountedWindow(user.plan.value, limit, user.username, path) for path in paths]
+    counted_at = request.scope.get("root_path", "")  # SlowAPI's paths include a proxy's prefix
+    windows = [CountedWindow(user.plan.value, limit, user.username, counted_at + path) for path in paths]
     states = await asyncio.gather(*(window_state(window) for window in windows))
     endpoints = {
         path: EndpointLimit(

@@ -2546,45 +2546,48 @@ def assert_output_as_shown(shown: str, printed: str) -> None:
         assert_same_json(shown_body, body)
 
 
+@contextmanager
+def default_app(folder: Path, *uvicorn_args: str) -> Iterator[str]:
+    """`uvicorn main:app` on the embedded store with every setting at its default (started in
+    `folder`, away from any .env of the project); yields its base URL."""
+    port, here = free_port(), str(Path(__file__).parent)
+    uvicorn = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", here, "--log-level", "warning"]
+    app = subprocess.Popen(
+        [*uvicorn, "--port", str(port), *uvicorn_args],
+        cwd=folder,
+        env=environment_without_settings(),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: answers(f"{base}/health") or app.poll() is not None, "the app to start")
+        assert app.poll() is None, "the app exited at start"
+        yield base
+    finally:
+        stop_process(app)
+
+
+def environment_without_settings() -> dict[str, str]:
+    return {
+        name: value for name, value in os.environ.items() if name.lower() not in main.Settings.model_fields
+    }
+
+
 def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     """Every command of the walkthrough, pasted in order into one shell, against a fresh app on
     the embedded store with the default settings; each output must match the README's."""
     steps = walkthrough_steps()
     assert len(steps) >= 10
-    env = {
-        name: value for name, value in os.environ.items() if name.lower() not in main.Settings.model_fields
-    }
-    port = free_port()
-    app = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "main:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--app-dir",
-            str(Path(__file__).parent),
-        ],
-        cwd=tmp_path,  # away from any .env of the project folder: the README shows the defaults
-        env=env,
-    )
-    try:
-        wait_until(lambda: answers(f"http://127.0.0.1:{port}/health") or app.poll() is not None, "the app")
-        separator = "--- next step ---"
-        script = "".join(f"{command}echo '{separator}'\n" for command, _ in steps)
+    separator = "--- next step ---"
+    script = "".join(f"{command}echo '{separator}'\n" for command, _ in steps)
+    with default_app(tmp_path) as base:
         shell = subprocess.run(
-            ["bash", "-c", script.replace("http://127.0.0.1:8000", f"http://127.0.0.1:{port}")],
+            ["bash", "-c", script.replace("http://127.0.0.1:8000", base)],
             capture_output=True,
             text=True,
             timeout=60,
             cwd=tmp_path,
-            env=env,
+            env=environment_without_settings(),
         )
-    finally:
-        stop_process(app)
     assert shell.stderr == ""
     printed = shell.stdout.split(f"{separator}\n")
     assert printed[-1] == "" and len(printed) == len(steps) + 1
@@ -2593,3 +2596,15 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             assert_output_as_shown(shown, output)
         except AssertionError as error:
             raise AssertionError(f"step {number}:\n{command}\nprinted:\n{output}\n{error}") from None
+
+
+def test_behind_a_root_path_status_and_oauth2_errors_still_line_up(tmp_path: Path) -> None:
+    # uvicorn --root-path (the app mounted under a proxy's prefix) puts /api in front of every
+    # path, the ones SlowAPI counts under included.
+    with default_app(tmp_path, "--root-path", "/api") as base:
+        token = http_login(base)["access_token"]
+        assert httpx2.get(f"{base}/users/me", headers=bearer(token)).status_code == 200
+        status = httpx2.get(f"{base}/rate-limit-status", headers=bearer(token)).json()
+        wrong = httpx2.post(f"{base}/token", json={"username": "jane_doe", "password": "wrong"})
+    assert status["endpoints"]["/users/me"]["remaining"] == 1
+    assert wrong.json() == oauth2_error("Incorrect username or password", "invalid_grant")
