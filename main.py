@@ -959,7 +959,12 @@ OAUTH2_ERROR_CODES = {
 
 
 def error_response(
-    request: Request, status_code: int, detail: Any, headers: Mapping[str, str] | None = None, error: str = ""
+    request: Request,
+    status_code: int,
+    detail: Any,
+    headers: Mapping[str, str] | None = None,
+    *,
+    error: str = "",
 ) -> JSONResponse:
     """Every error this app sends: JSON with `detail`, and the rate-limit headers of a counted call.
     From the OAuth2 endpoints also RFC 6749's `error` and `error_description`, which clients read."""
