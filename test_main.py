@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,6 +44,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 import main
 
+HERE = Path(__file__).parent
 PASSWORDS = {"john_doe": "password123", "jane_doe": "password456", "admin_doe": "password789"}
 WAIT_SECONDS = 15  # the bound on every wait in these tests
 EMBEDDED_ONLY = pytest.mark.skipif(bool(main.settings.redis_uri), reason="switches the embedded store off")
@@ -181,7 +182,7 @@ def test_environment_wins_over_the_dotenv_file(
 
 
 def test_env_example_copied_as_it_comes_runs_the_embedded_store(bare_environment: Path) -> None:
-    example = (Path(__file__).parent / ".env.example").read_text()
+    example = (HERE / ".env.example").read_text()
     (bare_environment / ".env").write_text(example)
     assert main.Settings() == main.Settings(_env_file=None)  # every value the default
     assert (main.Settings().redis_uri, main.Settings().secret_key) == ("", None)
@@ -339,14 +340,18 @@ def test_bad_settings_stop_the_app_with_one_line_each(
     assert import_main_in(tmp_path, env) == refusal(problems)
 
 
+def environment_without_settings() -> dict[str, str]:
+    return {
+        name: value for name, value in os.environ.items() if name.lower() not in main.Settings.model_fields
+    }
+
+
 def import_main_in(folder: Path, env: dict[str, str]) -> str:
     """What `import main` prints to stderr, failing, in `folder`, with only `env` as settings."""
-    settings = main.Settings.model_fields
-    outside = {name: value for name, value in os.environ.items() if name.lower() not in settings}
     result = subprocess.run(
         [sys.executable, "-c", "import main"],
         cwd=folder,
-        env={**outside, "PYTHONPATH": str(Path(__file__).parent), **env},
+        env={**environment_without_settings(), "PYTHONPATH": str(HERE), **env},
         capture_output=True,
         text=True,
     )
@@ -2241,14 +2246,11 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def app_process(redis_uri: str, **env: str) -> Iterator[str]:
-    """`uvicorn main:app` in its own process on this Redis; yields its base URL."""
+def uvicorn_app(env: dict[str, str], *uvicorn_args: str, folder: Path = HERE) -> Iterator[str]:
+    """`uvicorn main:app` in its own process, started in `folder` with `env`; yields its base URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), "--log-level", "warning"],
-        cwd=Path(__file__).parent,
-        env={**os.environ, "REDIS_URI": redis_uri, "SECRET_KEY": main.SECRET_KEY, **env},
-    )
+    uvicorn = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(HERE), "--log-level", "warning"]
+    process = subprocess.Popen([*uvicorn, "--port", str(port), *uvicorn_args], cwd=folder, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: answers(f"{base}/health") or process.poll() is not None, "the app to start")
@@ -2256,6 +2258,11 @@ def app_process(redis_uri: str, **env: str) -> Iterator[str]:
         yield base
     finally:
         stop_process(process)
+
+
+def app_process(redis_uri: str, **env: str) -> AbstractContextManager[str]:
+    """The app on this Redis, with this suite's key."""
+    return uvicorn_app({**os.environ, "REDIS_URI": redis_uri, "SECRET_KEY": main.SECRET_KEY, **env})
 
 
 class RedisServer:
@@ -2495,7 +2502,7 @@ CHANGING_FIELDS = {"access_token", "refresh_token", "exp", "iat", "jti", "reset"
 
 def walkthrough_steps() -> list[tuple[str, str]]:
     """The README walkthrough's commands (```sh blocks), each with the output block after it."""
-    readme = (Path(__file__).parent / "README.md").read_text()
+    readme = (HERE / "README.md").read_text()
     section = readme.split("\n## Walkthrough with curl\n")[1].split("\n## ")[0]
     blocks = re.findall(r"^```(\w*)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
     return [
@@ -2546,30 +2553,10 @@ def assert_output_as_shown(shown: str, printed: str) -> None:
         assert_same_json(shown_body, body)
 
 
-@contextmanager
-def default_app(folder: Path, *uvicorn_args: str) -> Iterator[str]:
-    """`uvicorn main:app` on the embedded store with every setting at its default (started in
-    `folder`, away from any .env of the project); yields its base URL."""
-    port, here = free_port(), str(Path(__file__).parent)
-    uvicorn = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", here, "--log-level", "warning"]
-    app = subprocess.Popen(
-        [*uvicorn, "--port", str(port), *uvicorn_args],
-        cwd=folder,
-        env=environment_without_settings(),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: answers(f"{base}/health") or app.poll() is not None, "the app to start")
-        assert app.poll() is None, "the app exited at start"
-        yield base
-    finally:
-        stop_process(app)
-
-
-def environment_without_settings() -> dict[str, str]:
-    return {
-        name: value for name, value in os.environ.items() if name.lower() not in main.Settings.model_fields
-    }
+def default_app(folder: Path, *uvicorn_args: str) -> AbstractContextManager[str]:
+    """The app on the embedded store with every setting at its default: started in `folder`,
+    away from any .env of the project."""
+    return uvicorn_app(environment_without_settings(), *uvicorn_args, folder=folder)
 
 
 def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
