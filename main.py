@@ -1296,7 +1296,7 @@ async def introspect(body: PresentedToken, response: Response) -> Introspection:
 @app.get(
     "/is_token_revoked",
     summary="Check whether a token has been revoked",
-    responses=error_responses(401, 429, 503),
+    responses=error_responses(401, 422, 429, 503),
     dependencies=[Depends(ip_rate_limit)],
 )
 async def is_token_revoked(

@@ -2173,6 +2173,22 @@ def test_openapi_error_models_and_request_bodies(client: TestClient) -> None:
     }
 
 
+def test_openapi_documents_every_422_with_the_body_the_app_sends(client: TestClient) -> None:
+    # FastAPI's default 422 schema (HTTPValidationError) has `input` and `ctx`, which this app drops.
+    spec = client.get("/openapi.json").json()
+    documented = {
+        path: operation["responses"]["422"]["content"]["application/json"]["schema"]
+        for path, operations in spec["paths"].items()
+        for operation in operations.values()
+        if "422" in operation["responses"]
+    }
+    ours = {"$ref": "#/components/schemas/ValidationErrorOut"}
+    assert documented == dict.fromkeys(
+        ["/token", "/refresh", "/revoke", "/introspect", "/is_token_revoked"], ours
+    )
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
 @pytest.mark.parametrize(
     "method", ["get_moving_window", "check", "incr", "get", "get_expiry", "reset", "clear"]
 )
