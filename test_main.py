@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bcrypt
+import greenlet
 import httpx2
 import jwt
 import limits
@@ -742,16 +743,15 @@ def test_rate_limit_status_lists_every_plan_limited_endpoint_for_premium(client:
     assert list(r.json()["endpoints"]) == ["/plan-limited-endpoint", "/premium-only-endpoint", "/users/me"]
 
 
-def test_plan_limited_paths_find_the_plan_limit_at_any_depth() -> None:
-    # A route that reaches PlanLimitedUser through a dependency of its own is counted, so listed.
-    async def wrapper(user: main.PlanLimitedUser) -> main.User:
-        return user
-
-    async def endpoint(user: Annotated[main.User, Depends(wrapper)]) -> None: ...
-
-    dependant = get_dependant(path="/wrapped", call=endpoint)
-    assert main.depends_on(dependant, main.plan_limited_user)
-    assert not main.depends_on(dependant, main.require_premium)
+def test_every_route_tagged_plan_limited_counts_the_plan_limit(client: TestClient) -> None:
+    """/rate-limit-status lists the routes by their tag: each must count the plan's limit."""
+    paths = main.plan_limited_paths(main.Plan.PREMIUM)
+    assert paths == ("/plan-limited-endpoint", "/premium-only-endpoint", "/users/me")
+    token = login(client, "admin_doe")["access_token"]
+    for path in paths:
+        r = client.get(path, headers=bearer(token))
+        assert r.status_code == 200, r.text
+        assert r.headers["ratelimit-policy"] == '"admin";q=9999;w=60'
 
 
 def test_rate_limit_status_consumes_no_quota(client: TestClient) -> None:
@@ -809,9 +809,10 @@ def test_logout_works_after_plan_limit_is_used_up(client: TestClient) -> None:
 # --- SlowAPI on the event loop ---
 
 
-def live_bridged_greenlets() -> list[main._Bridged]:
+def live_greenlets() -> list[greenlet.greenlet]:
+    """Greenlets started and not finished, but for each thread's own (which have no parent)."""
     gc.collect()
-    return [g for g in gc.get_objects() if isinstance(g, main._Bridged) and not g.dead]
+    return [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and g and g.parent is not None]
 
 
 def connections_in_use() -> set[Any]:
@@ -849,11 +850,24 @@ def test_redis_error_inside_a_count_is_a_503(client: TestClient, monkeypatch: py
     r = client.get("/users/me", headers=bearer(token))
     assert r.status_code == 503, r.text
     assert r.json() == STORE_DOWN
-    assert live_bridged_greenlets() == []
+    assert live_greenlets() == []
 
 
-def anonymous_request(ip: str = "198.51.100.7") -> Request:
-    return Request({"type": "http", "method": "GET", "path": "/revoke", "headers": [], "client": (ip, 1)})
+async def call_app(path: str, query: bytes = b"") -> None:
+    """One GET through the whole app, as uvicorn would make it, its response thrown away."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": [],
+        "client": ("198.51.100.7", 1), "server": ("testserver", 80),
+    }  # fmt: skip
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        pass
+
+    await main.app(scope, receive, send)
 
 
 def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
@@ -873,18 +887,18 @@ def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
         return await read(self, *args, **kwargs)
 
     async def cancel_mid_count() -> None:
-        task = asyncio.create_task(main.ip_rate_limit(anonymous_request(), Response()))
+        task = asyncio.create_task(call_app("/is_token_revoked", b"token=x"))
         await stalled.wait()
-        assert len(live_bridged_greenlets()) == 1 and len(connections_in_use()) == 1
+        assert len(live_greenlets()) == 1 and len(connections_in_use()) == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    client.portal.call(main.ip_rate_limit, anonymous_request(), Response())  # the scripts are loaded
+    client.portal.call(call_app, "/is_token_revoked", b"token=x")  # the scripts are loaded
     stalling = True
     monkeypatch.setattr(connection_class, reader, stalling_read)
     client.portal.call(cancel_mid_count)
-    assert live_bridged_greenlets() == []
+    assert live_greenlets() == []
     assert connections_in_use() == set()
     stalling = False
     r = client.get("/health")
@@ -939,8 +953,8 @@ def test_two_refreshes_racing_with_one_token_cannot_both_win(client: TestClient)
         )
 
     results = client.portal.call(race)
-    assert sum(isinstance(result, main.TokenPair) for result in results) == 1
-    [refused] = [result for result in results if not isinstance(result, main.TokenPair)]
+    assert sum(isinstance(result, main.Token) for result in results) == 1
+    [refused] = [result for result in results if not isinstance(result, main.Token)]
     assert (refused.status_code, refused.detail) == (401, "Refresh token has been revoked")
 
 
@@ -1488,7 +1502,7 @@ def test_rate_limit_log_line_escapes_the_username(
 
 def test_login_limit_keys_never_collide(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """2001:db8::1 logging in as 5:jane_doe must not use up 2001:db8::1:5's tries as jane_doe."""
-    monkeypatch.setattr(main, "client_address", lambda request: request.headers["x-test-ip"])
+    monkeypatch.setattr(main, "client_ip", lambda request: request.headers["x-test-ip"])
     for _ in range(5):
         r = client.post(
             "/token", json={"username": "5:jane_doe", "password": "x"}, headers={"x-test-ip": "2001:db8::1"}
@@ -1534,7 +1548,7 @@ def test_deeply_nested_json_is_a_400(client: TestClient, path: str) -> None:
 )
 def test_per_ip_limits_count_addresses_and_ipv6_networks(host: str, key: str) -> None:
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "client": (host, 1)})
-    assert main.client_address(request) == key
+    assert main.client_ip(request) == key
 
 
 def test_request_lines_escape_a_forged_client_address() -> None:
@@ -1972,20 +1986,10 @@ def test_retry_after_is_one_second_in_the_windows_last_second(client: TestClient
 
 
 def test_headers_speak_for_the_window_that_frees_up_last_when_both_are_as_full() -> None:
-    now = time.time()
-    sooner = main.CountedWindow("ip", limits.parse("5/minute"), "1.2.3.4", "/token")
-    later = main.CountedWindow("ip+username", limits.parse("5/hour"), "1.2.3.4|jane", "/token")
-
-    async def headers() -> dict[str, str]:
-        main.windows_read.set(
-            {
-                sooner.limit.key_for(sooner.key, sooner.path): (now - 30, 5),
-                later.limit.key_for(later.key, later.path): (now - 30, 5),
-            }
-        )
-        return await main.rate_limit_headers((sooner, later))
-
-    result = asyncio.run(headers())
+    oldest_hit = time.time() - 30
+    sooner = main.Window("LIMITER/1.2.3.4//token/5/1/minute", 5, 60, 5, oldest_hit)
+    later = main.Window("LIMITER/1.2.3.4|jane//token/5/1/hour", 5, 3600, 5, oldest_hit)
+    result = main.rate_limit_headers([sooner, later])
     assert result["RateLimit"].startswith('"ip+username";r=0;t=')
     assert result["RateLimit-Policy"] == '"ip";q=5;w=60, "ip+username";q=5;w=3600'
 
@@ -2065,19 +2069,11 @@ def test_clean_keeps_printable_non_ascii() -> None:
 
 
 def test_client_address_without_a_client() -> None:
-    assert main.client_address(Request({"type": "http", "client": None, "headers": []})) == "unknown"
+    assert main.client_ip(Request({"type": "http", "client": None, "headers": []})) == "unknown"
 
 
 def test_first_second_with_room_tolerance() -> None:
     assert main.first_second_with_room(99.9995) == 101
-
-
-def headers_for(windows: tuple[main.CountedWindow, ...], read: dict[str, main.Window]) -> Headers:
-    async def go() -> dict[str, str]:
-        main.windows_read.set(read)
-        return await main.rate_limit_headers(windows)
-
-    return Headers(asyncio.run(go()))  # header names are case-insensitive
 
 
 def test_body_without_content_type_is_415(client: TestClient) -> None:
@@ -2194,16 +2190,8 @@ def test_openapi_documents_every_422_with_the_body_the_app_sends(client: TestCli
 )
 def test_bridge_storage_refuses_what_slowapis_moving_window_never_calls(method: str) -> None:
     with pytest.raises(NotImplementedError) as error:
-        getattr(main.limiter._storage, method)("key", 1, 60)
+        getattr(main.AsyncBridgeStorage("async-bridge://"), method)("key", 1, 60)
     assert str(error.value) == "SlowAPI's moving window calls only acquire_entry()"
-
-
-def test_await_only_refuses_to_run_outside_the_bridge() -> None:
-    pause = asyncio.sleep(0)
-    with pytest.raises(RuntimeError) as error:
-        main.await_only(pause)
-    pause.close()
-    assert str(error.value) == "await_only() works only inside greenlet_spawn()"
 
 
 def test_body_limit_adds_up_the_chunks_of_one_body() -> None:
