@@ -284,7 +284,7 @@ async def authenticate_user(username: str, password: str) -> User | None:
 # carry `sid`, the id of the login (the session) they belong to: sections 3 and 4 act on it.
 ALGORITHM = "HS256"
 TokenType = Literal["access", "refresh"]
-# Redis keeps scores as doubles, exact up to 2**53: no time of ours comes anywhere near it.
+# Times are kept in Redis as sorted-set scores (section 4), doubles exact up to 2**53.
 EpochSeconds = Annotated[int, Field(gt=0, lt=2**53)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
@@ -341,10 +341,9 @@ def mint_token_pair(username: str, session_id: str) -> tuple[Token, TokenClaims]
 
 
 # ~~~ Skip on a first read: verified_claims(), decode_token()'s signature check, cached ~~~
-# Same result as jwt.decode() with the claims checked against TokenClaims. A client sends the same
-# token on every call, so each token's signature is verified once per key: /users/me serves 0.44
-# of /health's rate with this cache, 0.35 without. Expiry and revocation are checked on every use.
-MAX_TOKEN_CHARS = 2048  # ours are ~300
+# jwt.decode() with the algorithm pinned, less the expiry check; it also refuses claims this app
+# does not write, and a lifetime longer than it issues. Cached, because a client sends the same
+# token on every call: /users/me serves 0.44 of /health's rate with the cache, 0.35 without.
 
 
 @functools.lru_cache(maxsize=4096)
@@ -363,6 +362,9 @@ def verified_claims(token: str, key: str) -> TokenClaims:
 
 
 # ~~~ end ~~~
+
+
+MAX_TOKEN_CHARS = 2048  # ours are ~300
 
 
 def decode_token(token: str, *, allow_expired: bool = False) -> TokenClaims:
@@ -436,7 +438,7 @@ def redis_client(uri: str) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
 if settings.redis_uri:
     store = redis_client(settings.redis_uri)
 else:
-    embedded_server = fakeredis.FakeServer()  # the tests can switch it off
+    embedded_server = fakeredis.FakeServer()  # the server behind the client: it can be stopped
     store = fakeredis.FakeAsyncRedis(server=embedded_server)
 
 
@@ -455,11 +457,12 @@ def refresh_key(session_id: str) -> str:
 
 
 async def start_session(refresh: TokenClaims) -> None:
-    await store.set(refresh_key(refresh.sid), refresh.jti, exat=refresh.exp)
+    await store.set(refresh_key(refresh.sid), refresh.jti, exat=refresh.exp)  # gone when the token is
 
 
-# Compare-and-set in one step (a Lua script runs atomically in Redis), so two requests can never
-# both rotate the same refresh token.
+# Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
+# runs a Lua script atomically. KEYS and ARGV are its arguments; `~=` is "not equal"; EXAT sets
+# the expiry as an epoch second.
 ROTATE_REFRESH_TOKEN = store.register_script(
     """
     if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -494,15 +497,15 @@ async def refresh_session(refresh_token: str) -> Token:
 # deleting its refresh record stops new tokens (section 3), and its access tokens, whose ids the
 # server never stored, are blocked by their shared `sid`, until the last of them has expired.
 #
-# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? That
-# works too, for about the same memory (~120 bytes an entry either way, measured at 100,000). But
-# sorted sets keep every revocation in REVOKED_SETS keys you can inspect (ZRANGE revoked:0 0 -1
-# WITHSCORES shows each entry and its end), one ZMSCORE checks a token and its session at once,
-# and they need the scheduled cleanup this demo exists to show: Redis cannot expire a member of a
-# set, so a task deletes the members whose score (the epoch second after which nothing they block
-# can be used) has passed: section 5. A session's entries and its access tokens' share a set,
-# chosen by its sid; there are several so that a cluster spreads them over its nodes. Changing the
-# number strands entries where they are no longer looked for.
+# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? Both
+# cost about the same memory (~120 bytes an entry, measured at 100,000). A sorted set scores each
+# member: here, the epoch second after which nothing it blocks can be used. So one ZMSCORE (the
+# scores of several members, or nil) checks a token and its session at once; the entries and
+# their ends can be listed (ZRANGE revoked:0 0 -1 WITHSCORES); and revoking again can only raise
+# an end (ZADD GT). The price: Redis cannot expire a member, so a task deletes those whose score
+# has passed (section 5). A session's entries and its access tokens' share a set, chosen by its
+# sid; there are several so that a cluster spreads them over its nodes. Changing the number
+# strands entries where they are no longer looked for.
 REVOKED_KEY_PREFIX = "revoked:"
 REVOKED_SETS = 16
 
@@ -511,24 +514,21 @@ def revoked_key(session_id: str) -> str:
     return f"{REVOKED_KEY_PREFIX}{zlib.crc32(session_id.encode()) % REVOKED_SETS}"
 
 
-async def revoke_access_token(claims: TokenClaims) -> None:
-    async with store.pipeline(transaction=False) as pipe:
-        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp})  # the same score every time
-        await durably(pipe)  # runs the pipeline; see Part 2
-
-
 async def revoke_session(session_id: str, now: float) -> None:
     """Revoke every token of a login: its access tokens by sid, its refresh token by deletion
     (which also stops new ones being minted). The access tokens were all minted by `now`."""
+    # A pipeline sends several commands in one round trip (transaction=False: no MULTI/EXEC).
     async with store.pipeline(transaction=False) as pipe:
         # GT: revoking again (from a worker whose clock is behind, say) never shortens the entry.
         pipe.zadd(revoked_key(session_id), {session_id: int(now) + ACCESS_TOKEN_LIFETIME}, gt=True)
         pipe.delete(refresh_key(session_id))
-        await durably(pipe)  # runs the pipeline; see Part 2
+        # durably(): runs the pipeline and, under Sentinel, waits until a replica has the writes,
+        # so that a failover cannot lose a logout (Part 2).
+        await durably(pipe)
 
 
 async def is_revoked(claims: TokenClaims) -> bool:
-    if claims.type == "refresh":
+    if claims.type == "refresh":  # asked by /introspect and /is_token_revoked (Part 2)
         return await store.get(refresh_key(claims.sid)) != claims.jti.encode()
     token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
@@ -572,7 +572,7 @@ async def remove_expired_revocations(now: float) -> int:
     """Drop entries whose tokens have all expired, from every set; returns how many were removed."""
     async with store.pipeline(transaction=False) as pipe:
         for n in range(REVOKED_SETS):
-            pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")
+            pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")  # "(": below now
         return sum(await pipe.execute())
 
 
@@ -599,7 +599,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
     stopping = asyncio.Event()
     cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds, stopping))
-    app.state.cleanup_task = cleanup
+    app.state.cleanup_task = cleanup  # where the tests find it
     try:
         yield
     finally:
@@ -614,15 +614,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # --- 6. Per-plan rate limits with SlowAPI ---
 
 # SlowAPI counts calls per key (here: per user, or per client IP) and per endpoint, with a moving
-# window: "2/minute" allows at most 2 calls in any 60 seconds. Its checks are synchronous and
-# would wait for Redis synchronously, blocking the event loop; the storage below lets them wait
-# on the loop instead.
+# window: "2/minute" allows at most 2 calls in any 60 seconds. Its decorator, @limiter.limit(...),
+# checks when the endpoint is called: after every dependency has run, so a key function can read
+# what a dependency found (the user, the login's username), and a 401 or 403 costs no quota. Its
+# checks are synchronous, and a synchronous Redis call would stop the event loop for every other
+# request; the storage below makes them wait on the loop instead.
 
 # ~~~ Skip on a first read: the storage SlowAPI counts with, awaited on the event loop ~~~
 # SlowAPI builds it from storage_uri="async-bridge://". It runs `limits`' own moving-window scripts
-# on the app's async client through greenback.await_(), which pauses SlowAPI's sync code while the
-# loop awaits Redis (Part 2 opens that portal for each request): one thread, no blocking call. Each
-# count's window state comes back in the same round trip and is kept for the rate-limit headers.
+# on the app's async Redis client through greenback.await_(), which pauses SlowAPI's synchronous
+# code while the loop awaits Redis. That needs a greenback "portal" around the call: PortalRoute,
+# set as the app's route class, opens one around each endpoint SlowAPI limits. One thread, no
+# blocking call. Each count's window comes back in the same round trip, for the rate-limit headers.
 COUNT_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
 WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_WINDOW)
 LIMITS_KEY_PREFIX = "LIMITS:"  # what `limits`' own Redis storage puts before SlowAPI's keys
@@ -735,8 +738,8 @@ def caller_username(request: Request) -> str:
 
 
 def plan_limit(key: str) -> str:
-    """SlowAPI calls this with the key above: the limit of that user's plan, read on every call,
-    so a plan change applies at once."""
+    """SlowAPI calls this with the key above (it passes it to a parameter named `key`): the limit of
+    that user's plan, read on every call, so a plan change applies at once."""
     return PLAN_LIMITS[USERS[key].plan]
 
 
@@ -762,8 +765,8 @@ app.router.route_class = PortalRoute  # lets SlowAPI's checks wait for Redis on 
 
 
 # ~~~ Skip on a first read: request bodies and what /docs shows of errors ~~~
-# The token endpoints take JSON (what curl sends here) or a form (what OAuth2 clients send):
-# token_grant() and refresh_grant() read either into these models, or answer 400, 415 or 422.
+# The token endpoints take JSON (what curl sends here) or a form (what OAuth2 clients send), read
+# by request_fields() into these grant models, or answered with a 400, 415 or 422.
 # error_responses() lists the error bodies an endpoint can send, for /docs.
 class PasswordGrant(BaseModel):
     """RFC 6749 §4.3: log in with a username and password."""
@@ -790,19 +793,6 @@ class RefreshGrant(BaseModel):
 
     grant_type: Literal["refresh_token"] = "refresh_token"
     refresh_token: TokenString
-
-
-async def token_grant(request: Request) -> PasswordGrant | RefreshGrant:
-    """The grant a /token request carries: a password grant unless it names refresh_token."""
-    fields = await request_fields(request)
-    grant_type = fields.get("grant_type", "password") if isinstance(fields, dict) else "password"
-    if grant_type not in ("password", "refresh_token"):
-        detail = "grant_type must be password or refresh_token"
-        raise OAuth2Error(status.HTTP_400_BAD_REQUEST, "unsupported_grant_type", detail)
-    grant: PasswordGrant | RefreshGrant
-    grant = parsed(RefreshGrant, fields) if grant_type == "refresh_token" else parsed(PasswordGrant, fields)
-    request.state.grant = grant  # for the login limit's key function and exemption, below
-    return grant
 
 
 async def refresh_grant(request: Request) -> RefreshGrant:
@@ -849,6 +839,19 @@ def request_body(*models: type[BaseModel]) -> dict[str, Any]:
 # ~~~ end ~~~
 
 
+async def token_grant(request: Request) -> PasswordGrant | RefreshGrant:
+    """The grant a /token request carries: a password grant unless it names refresh_token."""
+    fields = await request_fields(request)
+    grant_type = fields.get("grant_type", "password") if isinstance(fields, dict) else "password"
+    if grant_type not in ("password", "refresh_token"):
+        detail = "grant_type must be password or refresh_token"
+        raise OAuth2Error(status.HTTP_400_BAD_REQUEST, "unsupported_grant_type", detail)
+    grant: PasswordGrant | RefreshGrant
+    grant = parsed(RefreshGrant, fields) if grant_type == "refresh_token" else parsed(PasswordGrant, fields)
+    request.state.grant = grant  # read by ip_and_username() and is_refresh_grant(), just below
+    return grant
+
+
 def ip_and_username(request: Request) -> str:
     """The login limit's key. No IP address contains "|", so no two (IP, username) pairs share a key
     (with ":", 2001:db8::1 and username 5:jane would share one with 2001:db8::1:5 and jane)."""
@@ -873,8 +876,9 @@ def is_refresh_grant(request: Request) -> bool:
 )
 @limiter.limit(settings.rate_limit_login, key_func=ip_and_username, exempt_when=is_refresh_grant)
 @limiter.limit(settings.rate_limit_anonymous)
-async def login(
-    request: Request, grant: Annotated[PasswordGrant | RefreshGrant, Depends(token_grant)]
+async def login_for_access_token(
+    request: Request,  # SlowAPI's decorator reads it (it must be named `request`)
+    grant: Annotated[PasswordGrant | RefreshGrant, Depends(token_grant)],
 ) -> Token:
     """`grant_type=password` (the default in JSON) trades a username and password for a new pair;
     `grant_type=refresh_token` works as /refresh does. JSON or an OAuth2 form. A login is limited
@@ -1283,6 +1287,12 @@ class ServerMetadata(BaseModel):
     introspection_endpoint_auth_methods_supported: list[str]
 
 
+async def revoke_access_token(claims: TokenClaims) -> None:
+    async with store.pipeline(transaction=False) as pipe:
+        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp})  # its own exp: no longer, no shorter
+        await durably(pipe)
+
+
 @app.post(
     "/revoke",
     summary="Revoke a token you hold (RFC 7009)",
@@ -1343,7 +1353,7 @@ async def server_metadata(request: Request) -> ServerMetadata:
     no_client_auth = ["none"]
     return ServerMetadata(
         issuer=str(request.base_url).rstrip("/"),
-        token_endpoint=str(request.url_for("login")),
+        token_endpoint=str(request.url_for("login_for_access_token")),
         revocation_endpoint=str(request.url_for("revoke_token")),
         introspection_endpoint=str(request.url_for("introspect")),
         grant_types_supported=["password", "refresh_token"],
