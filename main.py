@@ -641,6 +641,14 @@ class Window:
     hits: int
     oldest_hit: float  # epoch seconds; for an empty window, as if one had just left it
 
+    @property
+    def reset(self) -> float:  # until when the oldest hit still counts
+        return self.oldest_hit + self.seconds
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.hits)
+
 
 # Each request's windows, in the order SlowAPI counted them (Part 2 gives each request its own).
 windows_counted: ContextVar[list[Window]] = ContextVar("windows_counted")
@@ -1119,11 +1127,6 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
 TIMESTAMP_TOLERANCE = 0.001
 
 
-def window_reset(window: Window) -> float:
-    """Epoch seconds until which the window's oldest hit still counts."""
-    return window.oldest_hit + window.seconds
-
-
 def first_second_with_room(reset: float) -> int:
     """The first whole epoch second at which the window has room again (X-RateLimit-Reset)."""
     return math.floor(reset + TIMESTAMP_TOLERANCE) + 1
@@ -1131,15 +1134,11 @@ def first_second_with_room(reset: float) -> int:
 
 def seconds_until_room(window: Window) -> int:
     """Whole seconds from now until the window has room again (Retry-After, RateLimit's t)."""
-    return math.floor(window_reset(window) - time.time() + TIMESTAMP_TOLERANCE) + 1
-
-
-def remaining(window: Window) -> int:
-    return max(0, window.limit - window.hits)
+    return math.floor(window.reset - time.time() + TIMESTAMP_TOLERANCE) + 1
 
 
 def nearest_exhaustion(windows: list[Window]) -> Window:
-    return min(windows, key=lambda window: (remaining(window), -window_reset(window)))
+    return min(windows, key=lambda window: (window.remaining, -window.reset))
 
 
 def policy_name(window: Window) -> str:
@@ -1155,10 +1154,10 @@ def rate_limit_headers(windows: list[Window]) -> dict[str, str]:
     nearest = nearest_exhaustion(windows)
     return {
         "X-RateLimit-Limit": str(nearest.limit),
-        "X-RateLimit-Remaining": str(remaining(nearest)),
-        "X-RateLimit-Reset": str(first_second_with_room(window_reset(nearest))),
+        "X-RateLimit-Remaining": str(nearest.remaining),
+        "X-RateLimit-Reset": str(first_second_with_room(nearest.reset)),
         "RateLimit-Policy": ", ".join(f'"{policy_name(w)}";q={w.limit};w={w.seconds}' for w in windows),
-        "RateLimit": f'"{policy_name(nearest)}";r={remaining(nearest)};t={seconds_until_room(nearest)}',
+        "RateLimit": f'"{policy_name(nearest)}";r={nearest.remaining};t={seconds_until_room(nearest)}',
     }
 
 
@@ -1432,8 +1431,8 @@ async def rate_limit_status(request: Request, user: CurrentUser) -> RateLimitSta
     endpoints = {
         path: EndpointLimit(
             limit=window.limit,
-            remaining=remaining(window),
-            reset=first_second_with_room(window_reset(window)),
+            remaining=window.remaining,
+            reset=first_second_with_room(window.reset),
         )
         for path, window in zip(paths, windows, strict=True)
     }
