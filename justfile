@@ -28,6 +28,10 @@ cov: install
 mutants *names:
     .ci/mutants {{ names }}
 
+# Many keep-alive clients at once against a running app; fails on any answer but 200 or 429 (args: --clients N --seconds S)
+load *args: install
+    {{ venv }}/bin/python .ci/load {{ args }}
+
 # Run the tests against a throwaway local redis-server (needs the redis-server binary)
 test-redis: install
     .ci/with-redis {{ venv }}/bin/python -m pytest

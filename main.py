@@ -407,7 +407,8 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 
 # ~~~ Skip on a first read: redis_client(), the client for a Redis, Sentinel or Cluster URI ~~~
 # It connects on first use. Every store error is one of STORE_ERRORS, which the app answers with a
-# 503 (Part 2): without the store no revocation can be checked, so the app fails closed.
+# 503 (Part 2): without the store no revocation can be checked, so the app fails closed. When all
+# of a worker's connections are busy, a request waits for one (up to POOL_WAIT_SECONDS).
 REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
@@ -417,20 +418,42 @@ REDIS_OPTIONS: dict[str, Any] = {
 }
 # A redis-py cluster error (slots not covered, a node down) is not a RedisError.
 STORE_ERRORS = (RedisError, RedisClusterException)
+# redis-py's default pool refuses a command at once when its 100 connections are busy: under
+# load, healthy requests would get 503s. Its BlockingConnectionPool waits for one instead. Its
+# cluster client cannot wait, so each node gets more connections than a worker admits requests
+# (uvicorn's --limit-concurrency, in the README's commands).
+MAX_CONNECTIONS, CLUSTER_MAX_CONNECTIONS, POOL_WAIT_SECONDS = 100, 1024, 2
+
+
+class BlockingSentinelPool(redis.asyncio.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):
+    """The connections to whichever server the sentinels name as the primary, waited for."""
 
 
 def redis_client(uri: str) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
     if uri.startswith(SENTINEL_SCHEME):
         nodes = RedisNodes.from_uri(uri)
         sentinels = redis.asyncio.Sentinel(nodes.hosts, sentinel_kwargs={"socket_timeout": 2})
-        return sentinels.master_for(nodes.service, password=nodes.password, **REDIS_OPTIONS)
+        return sentinels.master_for(
+            nodes.service,
+            password=nodes.password,
+            connection_pool_class=BlockingSentinelPool,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_SECONDS,
+            **REDIS_OPTIONS,
+        )
     if uri.startswith(CLUSTER_SCHEME):
         nodes = RedisNodes.from_uri(uri)
         startup_nodes = [ClusterNode(host, port) for host, port in nodes.hosts]
         return redis.asyncio.RedisCluster(
-            startup_nodes=startup_nodes, password=nodes.password, **REDIS_OPTIONS
+            startup_nodes=startup_nodes,
+            password=nodes.password,
+            max_connections=CLUSTER_MAX_CONNECTIONS,
+            **REDIS_OPTIONS,
         )
-    return redis.asyncio.from_url(uri, **REDIS_OPTIONS)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        uri, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_SECONDS, **REDIS_OPTIONS
+    )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 # ~~~ end ~~~
@@ -439,7 +462,13 @@ if settings.redis_uri:
     store = redis_client(settings.redis_uri)
 else:
     embedded_server = fakeredis.FakeServer()  # the server behind the client: it can be stopped
-    store = fakeredis.FakeAsyncRedis(server=embedded_server)
+    embedded_pool = redis.asyncio.BlockingConnectionPool(
+        connection_class=fakeredis.FakeAsyncRedisConnection,
+        server=embedded_server,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
+    )
+    store = fakeredis.FakeAsyncRedis(connection_pool=embedded_pool)
 
 
 # --- 3. Refresh-token rotation with reuse detection ---

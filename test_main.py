@@ -853,21 +853,25 @@ def test_redis_error_inside_a_count_is_a_503(client: TestClient, monkeypatch: py
     assert live_greenlets() == []
 
 
-async def call_app(path: str, query: bytes = b"") -> None:
-    """One GET through the whole app, as uvicorn would make it, its response thrown away."""
+async def call_app(path: str, query: bytes = b"", token: str = "") -> int:
+    """One GET through the whole app, as uvicorn would make it: its status."""
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": [],
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": headers,
         "client": ("198.51.100.7", 1), "server": ("testserver", 80),
     }  # fmt: skip
+    statuses = []
 
     async def receive() -> Message:
         return {"type": "http.request", "body": b""}
 
     async def send(message: Message) -> None:
-        pass
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
 
     await main.app(scope, receive, send)
+    return statuses[0]
 
 
 def test_cancelled_count_leaves_no_greenlet_or_connection_behind(
@@ -1755,6 +1759,19 @@ def test_cleanup_task_stops_even_if_redis_py_swallows_the_cancellation(
 
 
 # --- Health and outages ---
+
+
+def test_300_requests_at_once_wait_for_a_store_connection_rather_than_fail(client: TestClient) -> None:
+    """More requests in flight than the pool has connections (100): each waits its turn."""
+    token = login(client, "admin_doe")["access_token"]
+
+    async def at_once() -> list[int]:
+        calls = [call_app("/health") for _ in range(150)] + [
+            call_app("/users/me", token=token) for _ in range(150)
+        ]
+        return await asyncio.gather(*calls)
+
+    assert Counter(client.portal.call(at_once)) == {200: 300}
 
 
 def test_health(client: TestClient) -> None:
