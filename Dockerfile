@@ -21,5 +21,6 @@ EXPOSE 8000
 # Slim images have no curl: ask /health with the standard library.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status != 200)"]
-# uvicorn reads the worker count from WEB_CONCURRENCY.
-CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "8000"]
+# uvicorn reads the worker count from WEB_CONCURRENCY. h11 refuses headers past 16 KiB (httptools,
+# the default, takes any size); past 1,000 connections at once, a worker answers 503.
+CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "8000", "--http", "h11", "--limit-concurrency", "1000"]

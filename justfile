@@ -14,7 +14,7 @@ install:
 
 # Run the app on http://127.0.0.1:8000 with the embedded in-process store
 run: install
-    {{ venv }}/bin/uvicorn main:app --reload
+    {{ venv }}/bin/uvicorn main:app --reload --http h11 --limit-concurrency 1000
 
 # Run the tests on the embedded fake Redis
 test: install

@@ -19,28 +19,24 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import bcrypt
 import greenlet
 import httpx2
 import jwt
-import limits
 import pytest
 import redis
 import redis.asyncio
 import redis.cluster
 from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fakeredis._clients._async import FakeBaseAsyncConnection
-from fastapi import Depends, HTTPException
-from fastapi.dependencies.utils import get_dependant
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 import main
@@ -2616,3 +2612,41 @@ def test_behind_a_root_path_status_and_oauth2_errors_still_line_up(tmp_path: Pat
         wrong = httpx2.post(f"{base}/token", json={"username": "jane_doe", "password": "wrong"})
     assert status["endpoints"]["/users/me"]["remaining"] == 1
     assert wrong.json() == oauth2_error("Incorrect username or password", "invalid_grant")
+
+
+# --- The README's run command under hostile connections ---
+
+
+def readme_run_flags() -> list[str]:
+    """The flags of the README's command that runs the app: `... uvicorn main:app <flags>`."""
+    readme = (HERE / "README.md").read_text()
+    command = next(
+        line
+        for line in readme.splitlines()
+        if line.endswith("uvicorn main:app") or "/uvicorn main:app " in line
+    )
+    return command.partition("uvicorn main:app")[2].split()
+
+
+def send_header_of(base: str, size: int) -> bytes:
+    """A GET whose one header holds `size` bytes: what the server answers, or b"" if it hung up."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=WAIT_SECONDS) as connection:
+        try:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: app\r\nX-Big: ")
+            for _ in range(size // 65536):
+                connection.sendall(b"a" * 65536)
+            connection.sendall(b"\r\n\r\n")
+            return connection.recv(64)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+@pytest.mark.parametrize("size", [1_000_000, 50_000_000], ids=["1MB", "50MB"])
+def test_the_readmes_command_refuses_a_huge_header_and_keeps_serving(tmp_path: Path, size: int) -> None:
+    """uvicorn's default parser takes a header of any size, on the event loop; h11 stops at 16 KiB."""
+    assert readme_run_flags() == ["--http", "h11", "--limit-concurrency", "1000"]
+    with default_app(tmp_path, *readme_run_flags()) as base:
+        reply = send_header_of(base, size)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 400 "), reply
+        assert answers(f"{base}/health")
