@@ -12,6 +12,7 @@ import asyncio
 import functools
 import inspect
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -19,9 +20,9 @@ import secrets
 import time
 import urllib.parse
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import Enum
@@ -71,7 +72,11 @@ logger = logging.getLogger("uvicorn.app")
 # ~~~ Skip on a first read: what the settings refuse ~~~
 # A SECRET_KEY that is short, a placeholder or not random; a REDIS_URI that redis-py cannot use; a
 # rate limit that is not one limit like "10/minute". Messages name the variable, never its value.
-PLACEHOLDER_WORDS = ("change", "secret", "example", "placeholder")
+PLACEHOLDER_WORDS = ("change", "secret", "example", "placeholder", "password")
+# FastAPI's security tutorial's key, the one most likely to be pasted into a demo built on it.
+PUBLISHED_KEYS = {"09d25e094faa6ca2556c818166b7a9563b93f7099f6f0f4caa6cf63b88e8d3e7"}
+# Six characters in a row of one of these appear in a generated key about once in 200,000 keys.
+KEYBOARD_RUNS = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiop", "asdfghjkl", "zxcvbnm")
 MIN_DISTINCT_SECRET_CHARS = 10
 MINUTES_PER_YEAR = 365 * 24 * 60
 # A moving window keeps one Redis entry per call it counts: past this many, memory gives out first.
@@ -142,11 +147,21 @@ def strong_secret(value: SecretStr | None) -> SecretStr | None:
         )
     if any(word in secret.lower() for word in PLACEHOLDER_WORDS):
         raise ValueError(f"is a placeholder; generate one: {GENERATE_SECRET}")
+    if secret in PUBLISHED_KEYS:
+        raise ValueError(f"is published (FastAPI's tutorial); generate one: {GENERATE_SECRET}")
     if len(secret) < 32:
         raise ValueError("must be at least 32 bytes for HS256")
     # A generated key of 32 characters or more uses far more distinct characters than this.
     if len(set(secret)) < MIN_DISTINCT_SECRET_CHARS:
         raise ValueError(f"repeats too few characters to be random; generate one: {GENERATE_SECRET}")
+    if any(run[i : i + 6] in secret.lower() for run in KEYBOARD_RUNS for i in range(len(run) - 5)):
+        raise ValueError(f"runs along the keyboard or the alphabet; generate one: {GENERATE_SECRET}")
+    try:  # PyJWT refuses a PEM or SSH key as an HMAC secret: at start-up, not at every login
+        jwt.encode({}, secret, algorithm="HS256")
+    except jwt.InvalidKeyError:
+        raise ValueError(
+            f"is a public or private key, not a shared secret; generate one: {GENERATE_SECRET}"
+        ) from None
     return value
 
 
@@ -265,7 +280,31 @@ PLAN_LIMITS: dict[Plan, str] = {
 DUMMY_HASH = b"$2b$12$KNfxKL0WSFpGO2q0aKO2XeBPXNqZr2MUPYVGo/UN77UIHZDBVTjTa"
 # bcrypt is CPU-bound and holds a core for ~0.2 s: on the event loop it would stall every other
 # request. It runs on its own pool, one thread fewer than there are cores, leaving one for the loop.
-BCRYPT_POOL = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="bcrypt")
+BCRYPT_THREADS = max(1, (os.cpu_count() or 1) - 1)
+BCRYPT_POOL = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
+
+
+# ~~~ Skip on a first read: login_slot(), a bound on the logins waiting for bcrypt ~~~
+# The pool takes logins in turn, so a flood of them from many addresses (which no per-IP limit
+# stops) would make every login wait behind it. Past MAX_WAITING_LOGINS, a login gets a 503 at once.
+MAX_WAITING_LOGINS = 8 * BCRYPT_THREADS  # at ~0.2 s each, at most ~1.6 s of waiting
+waiting_logins = 0
+
+
+@contextmanager
+def login_slot() -> Iterator[None]:
+    global waiting_logins  # one event loop per process: no lock needed
+    if waiting_logins >= MAX_WAITING_LOGINS:
+        detail = "Too many logins at once; try again shortly"
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": "1"})
+    waiting_logins += 1
+    try:
+        yield
+    finally:
+        waiting_logins -= 1
+
+
+# ~~~ end ~~~
 
 
 async def authenticate_user(username: str, password: str) -> User | None:
@@ -273,7 +312,8 @@ async def authenticate_user(username: str, password: str) -> User | None:
     user = USERS.get(username)
     password_hash = user.password_hash if user else DUMMY_HASH
     loop = asyncio.get_running_loop()
-    matches = await loop.run_in_executor(BCRYPT_POOL, bcrypt.checkpw, password.encode(), password_hash)
+    with login_slot():  # or a 503, when too many logins already wait
+        matches = await loop.run_in_executor(BCRYPT_POOL, bcrypt.checkpw, password.encode(), password_hash)
     return user if matches and user else None
 
 
@@ -408,7 +448,7 @@ def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
 # ~~~ Skip on a first read: redis_client(), the client for a Redis, Sentinel or Cluster URI ~~~
 # It connects on first use. Every store error is one of STORE_ERRORS, which the app answers with a
 # 503 (Part 2): without the store no revocation can be checked, so the app fails closed. When all
-# of a worker's connections are busy, a request waits for one (up to POOL_WAIT_SECONDS).
+# of a worker's connections are busy, a request waits for one (up to 2 s).
 REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
@@ -420,9 +460,10 @@ REDIS_OPTIONS: dict[str, Any] = {
 STORE_ERRORS = (RedisError, RedisClusterException)
 # redis-py's default pool refuses a command at once when its 100 connections are busy: under
 # load, healthy requests would get 503s. Its BlockingConnectionPool waits for one instead. Its
-# cluster client cannot wait, so each node gets more connections than a worker admits requests
-# (uvicorn's --limit-concurrency, in the README's commands).
-MAX_CONNECTIONS, CLUSTER_MAX_CONNECTIONS, POOL_WAIT_SECONDS = 100, 1024, 2
+# cluster client cannot wait, so each node may have more connections than a worker admits
+# requests (uvicorn's --limit-concurrency, in the README's command).
+WAITING_POOL: dict[str, Any] = {"max_connections": 100, "timeout": 2}
+CLUSTER_MAX_CONNECTIONS = 1024
 
 
 class BlockingSentinelPool(redis.asyncio.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool):
@@ -433,42 +474,31 @@ def redis_client(uri: str) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
     if uri.startswith(SENTINEL_SCHEME):
         nodes = RedisNodes.from_uri(uri)
         sentinels = redis.asyncio.Sentinel(nodes.hosts, sentinel_kwargs={"socket_timeout": 2})
-        return sentinels.master_for(
-            nodes.service,
-            password=nodes.password,
-            connection_pool_class=BlockingSentinelPool,
-            max_connections=MAX_CONNECTIONS,
-            timeout=POOL_WAIT_SECONDS,
-            **REDIS_OPTIONS,
-        )
+        waiting: dict[str, Any] = {"connection_pool_class": BlockingSentinelPool, **WAITING_POOL}
+        return sentinels.master_for(nodes.service, password=nodes.password, **waiting, **REDIS_OPTIONS)
     if uri.startswith(CLUSTER_SCHEME):
         nodes = RedisNodes.from_uri(uri)
         startup_nodes = [ClusterNode(host, port) for host, port in nodes.hosts]
-        return redis.asyncio.RedisCluster(
-            startup_nodes=startup_nodes,
-            password=nodes.password,
-            max_connections=CLUSTER_MAX_CONNECTIONS,
-            **REDIS_OPTIONS,
-        )
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        uri, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_SECONDS, **REDIS_OPTIONS
+        cluster: dict[str, Any] = {"startup_nodes": startup_nodes, "max_connections": CLUSTER_MAX_CONNECTIONS}
+        return redis.asyncio.RedisCluster(password=nodes.password, **cluster, **REDIS_OPTIONS)
+    return redis.asyncio.Redis.from_pool(
+        redis.asyncio.BlockingConnectionPool.from_url(uri, **WAITING_POOL, **REDIS_OPTIONS)
     )
-    return redis.asyncio.Redis.from_pool(pool)
+
+
+embedded_server = fakeredis.FakeServer()  # the embedded store's server (the tests stop it)
+
+
+def embedded_store() -> fakeredis.FakeAsyncRedis:
+    pool_class = redis.asyncio.BlockingConnectionPool
+    connection_class = fakeredis.FakeAsyncRedisConnection
+    pool = pool_class(connection_class=connection_class, server=embedded_server, **WAITING_POOL)
+    return fakeredis.FakeAsyncRedis(connection_pool=pool)
 
 
 # ~~~ end ~~~
 
-if settings.redis_uri:
-    store = redis_client(settings.redis_uri)
-else:
-    embedded_server = fakeredis.FakeServer()  # the server behind the client: it can be stopped
-    embedded_pool = redis.asyncio.BlockingConnectionPool(
-        connection_class=fakeredis.FakeAsyncRedisConnection,
-        server=embedded_server,
-        max_connections=MAX_CONNECTIONS,
-        timeout=POOL_WAIT_SECONDS,
-    )
-    store = fakeredis.FakeAsyncRedis(connection_pool=embedded_pool)
+store = redis_client(settings.redis_uri) if settings.redis_uri else embedded_store()
 
 
 # --- 3. Refresh-token rotation with reuse detection ---
@@ -749,6 +779,9 @@ class PortalRoute(APIRoute):
 # ~~~ end ~~~
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def client_ip(request: Request) -> str:
     """Whom the per-IP limits count: the client's IP address, an IPv6 /64 (what one host is usually
     given) as one client, and anything else (a bad X-Forwarded-For) as one client, "unknown"."""
@@ -756,7 +789,10 @@ def client_ip(request: Request) -> str:
         address = ipaddress.ip_address(request.client.host if request.client else "")
     except ValueError:
         return "unknown"
-    if address.version == 6:
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 client as a dual-stack listener (::ffff:a.b.c.d) or NAT64 (64:ff9b::a.b.c.d) shows it.
+        if address.ipv4_mapped or address in NAT64:
+            return str(address.ipv4_mapped or ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return str(ipaddress.ip_network((address, 64), strict=False))
     return str(address)
 
@@ -1039,7 +1075,7 @@ async def request_fields(request: Request) -> Any:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if content_type == "application/json":
-            return await request.json()
+            return json.loads(await request.body(), object_pairs_hook=without_duplicates)
         if content_type == FORM_TYPE:
             form = await request.form()
             # RFC 6749 §3.2: no parameter twice. Which copy counts would be anyone's guess (a proxy
@@ -1051,6 +1087,14 @@ async def request_fields(request: Request) -> Any:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Request body is malformed") from None
     detail = f"Send application/json or {FORM_TYPE}"
     raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=detail)
+
+
+def without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # As for a form: which copy of a key counts would be anyone's guess (a proxy might read the
+    # first, this app the last).
+    if len({key for key, _ in pairs}) < len(pairs):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="A JSON field appears more than once")
+    return dict(pairs)
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -206,6 +206,16 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"secret_key": "CHANGE-ME-TO-A-LONG-RANDOM-STRING-OF-64-CHARS"}, "is a placeholder"),
         ({"secret_key": "a" * 32}, "repeats too few characters"),
         ({"secret_key": "ab" * 32}, "repeats too few characters"),
+        ({"secret_key": "09d25e094faa6ca2556c818166b7a9563b93f7099f6f0f4caa6cf63b88e8d3e7"}, "is published"),
+        ({"secret_key": "passwordpasswordpassword12345678"}, "is a placeholder"),
+        ({"secret_key": "qwertyuiopasdfghjklzxcvbnm123456"}, "runs along the keyboard or the alphabet"),
+        ({"secret_key": "0123456789abcdefghijklmnopqrstuv"}, "runs along the keyboard or the alphabet"),
+        ({"secret_key": "Xq7" + "asdfgh" + GOOD_SECRET[:30]}, "runs along the keyboard or the alphabet"),
+        ({"secret_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq8v2 me@host"}, "is a public or private key"),
+        (
+            {"secret_key": "-----BEGIN PRIVATE KEY-----MIIEvQIBADANBgkqhkiG9w0B-----END PRIVATE KEY-----"},
+            "is a public",
+        ),
         ({"secret_key": " " * 32}, "must be printable ASCII"),
         ({"secret_key": GOOD_SECRET + " "}, "must be printable ASCII"),
         ({"secret_key": GOOD_SECRET + "\udcff"}, "must be printable ASCII"),  # a non-UTF-8 byte
@@ -443,6 +453,20 @@ def test_login_unknown_user_still_checks_a_hash(client: TestClient, monkeypatch:
     assert [hashed for hashed, _ in checked] == [main.DUMMY_HASH]
 
 
+def test_a_login_past_the_waiting_bound_is_refused_at_once(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of logins must not make every login wait behind it: past the bound, a 503 at once."""
+    monkeypatch.setattr(main, "waiting_logins", main.MAX_WAITING_LOGINS)
+    r = client.post("/token", json={"username": "jane_doe", "password": "password456"})
+    assert r.status_code == 503, r.text
+    assert r.json() == oauth2_error("Too many logins at once; try again shortly", "temporarily_unavailable")
+    assert r.headers["retry-after"] == "1"
+    monkeypatch.setattr(main, "waiting_logins", main.MAX_WAITING_LOGINS - 1)
+    login(client)
+    assert main.waiting_logins == main.MAX_WAITING_LOGINS - 1  # its place is given back
+
+
 def test_logins_run_bcrypt_off_the_loop_and_leave_it_a_core(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -520,6 +544,14 @@ def test_login_rejects_other_content_types(client: TestClient) -> None:
 
 def test_login_rejects_huge_body(client: TestClient) -> None:
     r = client.post("/token", json={"username": "jane_doe", "password": "x" * 10_000})
+    assert r.status_code == 413, r.text
+    assert r.json() == oauth2_error("Content Too Large", "invalid_request")
+
+
+def test_a_content_length_of_thousands_of_digits_is_a_413(client: TestClient) -> None:
+    """int() refuses more than 4,300 digits, even zero-padded ones: it must not get them."""
+    headers = {"Content-Type": "application/json", "Content-Length": "0" * 5000 + "2"}
+    r = client.post("/token", content=b"{}", headers=headers)
     assert r.status_code == 413, r.text
     assert r.json() == oauth2_error("Content Too Large", "invalid_request")
 
@@ -1212,6 +1244,13 @@ def test_a_form_field_this_app_does_not_read_may_appear_twice(client: TestClient
     assert r.status_code == 200, r.text
 
 
+def test_a_json_field_sent_twice_is_refused(client: TestClient) -> None:
+    body = b'{"username": "john_doe", "username": "jane_doe", "password": "password456"}'
+    r = client.post("/token", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json() == oauth2_error("A JSON field appears more than once", "invalid_request")
+
+
 def test_a_form_field_sent_twice_is_refused(client: TestClient) -> None:
     body = "username=john_doe&username=jane_doe&password=password456"
     r = client.post("/token", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
@@ -1541,6 +1580,8 @@ def test_deeply_nested_json_is_a_400(client: TestClient, path: str) -> None:
         ("2001:db8::1", "2001:db8::/64"),
         ("2001:db8::ffff:1", "2001:db8::/64"),  # the same /64: one client
         ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("::ffff:127.0.0.2", "127.0.0.2"),  # IPv4 on a dual-stack listener: each address its own
+        ("64:ff9b::c000:201", "192.0.2.1"),  # IPv4 through NAT64's well-known prefix
         ("1.2.3.4\x85INFO: forged", "unknown"),  # an X-Forwarded-For a proxy passed on unchecked
         ("9" * 30_000, "unknown"),
         ("testclient", "unknown"),
