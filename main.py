@@ -20,6 +20,7 @@ import secrets
 import time
 import urllib.parse
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -61,8 +62,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# A child of uvicorn's logger, so these lines share its handler, format and level.
+# A child of uvicorn's logger, so these lines share its handler, format and level. Lines that a
+# client can cause at will go to client_log, which lets through one a second of each (Part 2).
 logger = logging.getLogger("uvicorn.app")
+client_log = logging.getLogger("uvicorn.app.client")
 
 
 # ================================ Part 1: the story ================================
@@ -544,7 +547,7 @@ async def refresh_session(refresh_token: str) -> Token:
     if not await rotate_refresh_token(claims, successor):
         await revoke_session(claims.sid, time.time())  # section 4
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
-        logger.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
+        client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise bearer_error("Refresh token has been revoked")
     return token
 
@@ -602,7 +605,7 @@ async def get_access_claims(token: Annotated[str, Depends(oauth2_scheme)]) -> To
     """The claims of a valid, unrevoked access token, or the 401 that says what is wrong."""
     claims = verify_token(token, "access")
     if await is_revoked(claims):
-        logger.warning("revoked token used: sub=%s jti=%s", claims.sub, claims.jti)
+        client_log.warning("revoked token used: sub=%s jti=%s", claims.sub, claims.jti)
         raise bearer_error("Token has been revoked")
     return claims
 
@@ -656,6 +659,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning("REDIS_URI is not set: using an embedded in-process store (one process only)")
     if settings.secret_key is None:
         logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
+    await warn_if_redis_may_evict()  # Part 2
     stopping = asyncio.Event()
     cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds, stopping))
     app.state.cleanup_task = cleanup  # where the tests find it
@@ -960,7 +964,9 @@ async def login_for_access_token(
         return await refresh_session(grant.refresh_token)
     user = await authenticate_user(grant.username, grant.password)
     if user is None:
-        logger.warning("failed login for username %r", grant.username)
+        # Only a known name: an unknown one may be a password typed into the wrong field.
+        known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
+        client_log.warning("failed login for %s", known)
         raise bearer_error("Incorrect username or password", invalid_token=False)
     token, refresh_claims = mint_token_pair(user.username, session_id=secrets.token_urlsafe(16))
     await start_session(refresh_claims)
@@ -1157,7 +1163,7 @@ def error_response(
 @app.exception_handler(RedisClusterException)
 async def store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # Fail closed: without the store, no token can be checked for revocation and no limit counted.
-    logger.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
+    client_log.error("store unavailable on %s %r: %r", request.method, request.url.path, exc)
     detail = "Token store unavailable; try again shortly"
     return error_response(request, status.HTTP_503_SERVICE_UNAVAILABLE, detail)
 
@@ -1181,7 +1187,7 @@ async def rate_limit_exceeded(request: Request, exc: RateLimitExceeded) -> JSONR
     """SlowAPI's _rate_limit_exceeded_handler, with an exact Retry-After and this app's JSON body."""
     refused = exc.limit  # the limit that refused: on /token, the IP one or the IP + username one
     key = refused.key_func(request) if refused else "unknown"
-    logger.warning("rate limit %s exceeded on %s by %r", exc.detail, request["path"], key)
+    client_log.warning("rate limit %s exceeded on %s by %r", exc.detail, request["path"], key)
     headers = {"Retry-After": str(max(1, seconds_until_room(nearest_exhaustion(windows_counted.get()))))}
     detail = f"Rate limit exceeded: {exc.detail}"
     return error_response(request, status.HTTP_429_TOO_MANY_REQUESTS, detail, headers)
@@ -1534,6 +1540,18 @@ async def durably(pipe: Any) -> None:
         raise NotReplicated(f"no replica confirmed a revocation within {REPLICA_WAIT_MS} ms")
 
 
+async def warn_if_redis_may_evict() -> None:
+    """A Redis full under `maxmemory` makes room by its policy: allkeys-* evicts revocations (a
+    logged-out token works again), volatile-* the rate-limit windows first. The app needs
+    noeviction, under which a full Redis refuses writes and the app answers 503: it fails closed."""
+    try:
+        policy = (await store.config_get("maxmemory-policy")).get("maxmemory-policy", "noeviction")
+    except STORE_ERRORS:  # CONFIG is often not allowed (managed Redis, fakeredis); Redis may be down
+        return
+    if policy != "noeviction":
+        logger.warning("Redis maxmemory-policy is %s: it may evict revocations; set it to noeviction", policy)
+
+
 async def close_store() -> None:
     # Connections belong to this event loop; the next one (a new test client) opens its own.
     await store.aclose()
@@ -1563,6 +1581,28 @@ class SafeRequestLines(logging.Filter):
         return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+class OneLineASecond(logging.Filter):
+    """At most one line a second of each message: clients can make the app log at will (a revoked
+    token, a 429, a 503 during an outage). The next line that passes counts those held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_line_at: dict[str, float] = {}
+        self.held_back: Counter[str] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template, now = str(record.msg), record.created
+        if now < self.next_line_at.get(template, 0.0):
+            self.held_back[template] += 1
+            return False
+        self.next_line_at[template] = now + 1
+        if held_back := self.held_back.pop(template, 0):
+            record.msg = f"{template} (and {held_back} more since the last such line)"
+        return True
+
+
+client_log_limit = OneLineASecond()
+client_log.addFilter(client_log_limit)
 for uvicorn_logger in ("uvicorn.access", "uvicorn.error"):
     logging.getLogger(uvicorn_logger).addFilter(SafeRequestLines())
 # SlowAPI logs every exceeded limit with the client's key unescaped; rate_limit_exceeded() logs the

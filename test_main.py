@@ -64,6 +64,13 @@ def fast_logins(monkeypatch: pytest.MonkeyPatch, cheap_hashes: dict[str, bytes])
     monkeypatch.setattr(main, "DUMMY_HASH", bcrypt.hashpw(b"dummy", bcrypt.gensalt(4)))
 
 
+@pytest.fixture(autouse=True)
+def fresh_client_log_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sees the first line of each kind it causes (one a second would hide them)."""
+    monkeypatch.setattr(main, "client_log_limit", main.OneLineASecond())
+    monkeypatch.setattr(main.client_log, "filters", [main.client_log_limit])
+
+
 @pytest.fixture
 def client() -> Iterator[TestClient]:
     with TestClient(main.app) as test_client:
@@ -572,6 +579,35 @@ def test_login_is_limited_per_ip_and_username(client: TestClient) -> None:
     assert r.json() == oauth2_error("Rate limit exceeded: 5 per 1 minute", "temporarily_unavailable")
     assert rate_headers(r)["x-ratelimit-limit"] == "5"
     login(client, "john_doe")  # another username from the same IP still gets through
+
+
+def test_a_failed_login_with_an_unknown_username_does_not_log_it(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A password typed into the username field must not reach the log."""
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        client.post("/token", json={"username": "hunter2-secret", "password": "x"})
+    assert "failed login for an unknown username" in caplog.text
+    assert "hunter2-secret" not in caplog.text
+
+
+def test_a_line_a_client_can_cause_at_will_is_logged_once_a_second_with_a_count(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = login(client)["access_token"]
+    client.post("/logout", headers=bearer(token))
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        for _ in range(50):
+            client.get("/users/me", headers=bearer(token))
+    lines = [r.getMessage() for r in caplog.records if "revoked token used" in r.getMessage()]
+    assert len(lines) == 1
+    template, args = "revoked token used: sub=%s jti=%s", ("jane_doe", "x")
+    record = logging.LogRecord("uvicorn.app.client", logging.WARNING, "", 0, template, args, None)
+    record.created += 1  # a second later
+    assert main.client_log_limit.filter(record)
+    assert (
+        record.getMessage() == "revoked token used: sub=jane_doe jti=x (and 49 more since the last such line)"
+    )
 
 
 def test_failed_login_is_logged_without_password(
@@ -1796,6 +1832,22 @@ def test_cleanup_task_stops_even_if_redis_py_swallows_the_cancellation(
 
 
 # --- Health and outages ---
+
+
+@pytest.mark.parametrize(
+    ("policy", "warned"), [("allkeys-lru", True), ("volatile-ttl", True), ("noeviction", False)]
+)
+def test_startup_warns_when_redis_may_evict_revocations(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, policy: str, warned: bool
+) -> None:
+    async def config_get(name: str) -> dict[str, str]:
+        return {name: policy}
+
+    monkeypatch.setattr(main.store, "config_get", config_get)
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"), TestClient(main.app):
+        pass
+    warning = f"Redis maxmemory-policy is {policy}: it may evict revocations; set it to noeviction"
+    assert (warning in caplog.text) is warned
 
 
 def test_300_requests_at_once_wait_for_a_store_connection_rather_than_fail(client: TestClient) -> None:
