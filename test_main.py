@@ -1693,12 +1693,38 @@ def test_session_revocation_lives_until_its_access_tokens_expire(
     clock.now += 30
     assert client.post("/logout", headers=bearer(tokens["access_token"])).status_code == 200
     access = main.decode_token(tokens["access_token"])
-    assert revoked_entries(client) == {access.sid.encode(): int(clock.now) + access_minutes * 60}
+    until = int(clock.now) + access_minutes * 60 + main.REVOCATION_MARGIN
+    assert revoked_entries(client) == {access.sid.encode(): until}
     clock.now = access.exp - 1  # the last second in which the access token would still work
     client.portal.call(main.remove_expired_revocations, clock.now)
     r = client.get("/users/me", headers=bearer(tokens["access_token"]))
     assert r.status_code == 401, r.text
     assert r.json() == {"detail": "Token has been revoked"}
+
+
+def test_a_token_minted_just_after_its_sessions_logout_stays_revoked_until_it_expires(
+    client: TestClient, clock: FakeClock
+) -> None:
+    """A refresh racing the logout, or a worker whose clock runs ahead, can mint a token a little
+    after the logout's `now`: the session's entry must outlive it too."""
+    late_access, claims = main.create_token("jane_doe", "access", "session-1", clock.now)
+    logout_at = clock.now - 59  # the racing refresh (or a clock ahead) minted it 59 s after
+    client.portal.call(main.revoke_session, "session-1", logout_at)
+    clock.now = claims.exp - 1  # the token's last second
+    client.portal.call(main.remove_expired_revocations, clock.now)
+    r = client.get("/users/me", headers=bearer(late_access))
+    assert r.status_code == 401, r.text
+    assert r.json() == {"detail": "Token has been revoked"}
+
+
+def test_refresh_refuses_a_user_deleted_since_login(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refresh_token = login(client)["refresh_token"]
+    monkeypatch.delitem(main.USERS, "jane_doe")
+    r = client.post("/refresh", json={"refresh_token": refresh_token})
+    assert r.status_code == 401, r.text
+    assert r.json() == oauth2_error("Unknown user", "invalid_grant")
 
 
 def test_revoking_again_never_shortens_a_revocation(client: TestClient) -> None:
@@ -1707,7 +1733,9 @@ def test_revoking_again_never_shortens_a_revocation(client: TestClient) -> None:
     now = time.time()
     client.portal.call(main.revoke_session, "session-1", now)
     client.portal.call(main.revoke_session, "session-1", now - 100)
-    assert revoked_entries(client) == {b"session-1": int(now) + main.ACCESS_TOKEN_LIFETIME}
+    assert revoked_entries(client) == {
+        b"session-1": int(now) + main.ACCESS_TOKEN_LIFETIME + main.REVOCATION_MARGIN
+    }
 
 
 def test_cleanup_removes_only_expired_entries(client: TestClient) -> None:
