@@ -676,7 +676,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning("REDIS_URI is not set: using an embedded in-process store (one process only)")
     if settings.secret_key is None:
         logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
-    await warn_if_redis_may_evict()  # Part 2
+    await warn_if_redis_may_evict()  # Part 2: two checks of the shared Redis
+    await refuse_other_token_lifetimes()
     stopping = asyncio.Event()
     cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds, stopping))
     app.state.cleanup_task = cleanup  # where the tests find it
@@ -1565,6 +1566,26 @@ async def warn_if_redis_may_evict() -> None:
         return
     if policy != "noeviction":
         logger.warning("Redis maxmemory-policy is %s: it may evict revocations; set it to noeviction", policy)
+
+
+LIFETIME_KEY = "settings:access_token_lifetime"
+
+
+async def refuse_other_token_lifetimes() -> None:
+    """Apps sharing a Redis must agree on ACCESS_TOKEN_EXPIRE_MINUTES: a logout's entry lasts as
+    long as the access tokens of the app that wrote it, so an app with a longer setting would
+    accept its own revoked tokens again once the entry is gone. The first app to start records its
+    setting; one with another refuses to start. (To change it: stop them all, DEL the key.)"""
+    try:
+        recorded = await store.set(LIFETIME_KEY, ACCESS_TOKEN_LIFETIME, nx=True, get=True)
+    except STORE_ERRORS:  # Redis is down: the app starts, and answers 503 until it is back
+        return
+    if recorded is not None and int(recorded) != ACCESS_TOKEN_LIFETIME:
+        minutes = int(recorded) // 60
+        problem = (
+            f"is {ACCESS_TOKEN_LIFETIME // 60}, but apps on this Redis use {minutes} (key {LIFETIME_KEY})"
+        )
+        raise RuntimeError(f"{REFUSAL}\n  ACCESS_TOKEN_EXPIRE_MINUTES: {problem}")
 
 
 async def close_store() -> None:

@@ -1878,6 +1878,21 @@ def test_startup_warns_when_redis_may_evict_revocations(
     assert (warning in caplog.text) is warned
 
 
+def test_an_app_with_another_access_token_lifetime_on_the_same_redis_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A logout's entry lasts as long as its writer's tokens: a longer-lived app would outlive it."""
+    with TestClient(main.app) as first:
+        first.portal.call(main.store.delete, main.LIFETIME_KEY)
+    with TestClient(main.app):  # records this app's lifetime, 15 minutes
+        pass
+    monkeypatch.setattr(main, "ACCESS_TOKEN_LIFETIME", 60 * 60)
+    with pytest.raises(RuntimeError) as refusal, TestClient(main.app):
+        pass
+    problem = "is 60, but apps on this Redis use 15 (key settings:access_token_lifetime)"
+    assert str(refusal.value) == f"{main.REFUSAL}\n  ACCESS_TOKEN_EXPIRE_MINUTES: {problem}"
+
+
 def test_300_requests_at_once_wait_for_a_store_connection_rather_than_fail(client: TestClient) -> None:
     """More requests in flight than the pool has connections (100): each waits its turn."""
     token = login(client, "admin_doe")["access_token"]
