@@ -1581,6 +1581,7 @@ async def refuse_other_token_lifetimes() -> None:
     except STORE_ERRORS:  # Redis is down: the app starts, and answers 503 until it is back
         return
     if recorded is not None and int(recorded) != ACCESS_TOKEN_LIFETIME:
+        await close_store()  # the app stops here: leave no connection behind for the next loop
         minutes = int(recorded) // 60
         problem = (
             f"is {ACCESS_TOKEN_LIFETIME // 60}, but apps on this Redis use {minutes} (key {LIFETIME_KEY})"
