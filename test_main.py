@@ -33,7 +33,7 @@ from authlib.integrations.httpx_client import OAuth2Client, OAuthError
 from fakeredis._clients._async import FakeBaseAsyncConnection
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
@@ -217,6 +217,8 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"secret_key": "passwordpasswordpassword12345678"}, "is a placeholder"),
         ({"secret_key": "qwertyuiopasdfghjklzxcvbnm123456"}, "runs along the keyboard or the alphabet"),
         ({"secret_key": "0123456789abcdefghijklmnopqrstuv"}, "runs along the keyboard or the alphabet"),
+        ({"secret_key": GOOD_SECRET[:26] + "uvwxyz"}, "runs along the keyboard or the alphabet"),
+        ({"secret_key": GOOD_SECRET[:31] + "\u00e9"}, "must be printable ASCII"),  # printable, not ASCII
         ({"secret_key": "Xq7" + "asdfgh" + GOOD_SECRET[:30]}, "runs along the keyboard or the alphabet"),
         ({"secret_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq8v2 me@host"}, "is a public or private key"),
         (
@@ -281,6 +283,11 @@ def test_rate_limit_settings_refuse_what_is_past_their_bounds(value: str, messag
 @pytest.mark.parametrize("value", ["1/second", "10000000/minute", "1/day", "1/525600 minute"])
 def test_rate_limit_settings_accept_up_to_their_bounds(value: str) -> None:
     assert main.one_rate_limit(value) == value
+
+
+def test_a_key_of_exactly_ten_distinct_characters_is_accepted() -> None:
+    key = "q8w3e1r9t7" * 4  # 10 distinct, no run of six
+    assert main.strong_secret(SecretStr(key)) == SecretStr(key)
 
 
 @pytest.mark.parametrize(
@@ -2159,6 +2166,25 @@ def test_every_store_client_fails_fast(uri: str) -> None:
     if uri.startswith(main.SENTINEL_SCHEME):
         sentinel = client.connection_pool.sentinel_manager.sentinels[0]
         assert sentinel.connection_pool.connection_kwargs["socket_timeout"] == 2
+
+
+@pytest.mark.parametrize(
+    ("uri", "pool_class"),
+    [
+        ("redis://h:6379/0", redis.asyncio.BlockingConnectionPool),
+        ("redis+sentinel://h1:26379/mymaster", main.BlockingSentinelPool),
+    ],
+)
+def test_a_store_client_waits_for_a_free_connection(uri: str, pool_class: type) -> None:
+    """redis-py's default pool refuses a command at once when its connections are all busy."""
+    pool = main.redis_client(uri).connection_pool
+    assert type(pool) is pool_class
+    assert (pool.max_connections, pool.timeout) == (100, 2)
+
+
+def test_a_cluster_client_has_more_connections_a_node_than_a_worker_admits_requests() -> None:
+    client = main.redis_client("redis+cluster://h1:7000")
+    assert client.connection_kwargs["max_connections"] == 1024
 
 
 # --- Edges that mutation testing found unguarded ---
