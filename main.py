@@ -9,7 +9,9 @@ Run it with `uvicorn main:app`: with REDIS_URI unset it keeps its state in an em
 """
 
 import asyncio
+import base64
 import functools
+import hmac
 import inspect
 import ipaddress
 import json
@@ -203,6 +205,9 @@ class Settings(BaseSettings):
     secret_key: SecretKey = None
     access_token_expire_minutes: int = Field(default=15, ge=1, le=MINUTES_PER_YEAR)
     refresh_token_expire_minutes: int = Field(default=7 * 24 * 60, ge=1, le=MINUTES_PER_YEAR)
+    # A retried refresh gets the same pair within this many seconds (section 3); 0 turns it off.
+    # At most a minute, as Cognito's: the longer, the longer a replayed token goes unnoticed.
+    refresh_grace_seconds: int = Field(default=10, ge=0, le=60)
     cleanup_interval_seconds: float = Field(default=60, ge=0.01, le=24 * 3600, allow_inf_nan=False)
     rate_limit_free: RateLimitSetting = "2/minute"
     rate_limit_premium: RateLimitSetting = "10/minute"
@@ -360,25 +365,28 @@ def token_lifetime(token_type: TokenType) -> int:
 
 
 def create_token(
-    username: str, token_type: TokenType, session_id: str, now: float
+    username: str, token_type: TokenType, session_id: str, now: float, jti: str | None = None
 ) -> tuple[str, TokenClaims]:
     """The tutorial's create_access_token(), for either type: the JWT and the claims it carries."""
     claims = TokenClaims(
         sub=username,
         iat=int(now),
         exp=int(now) + token_lifetime(token_type),
-        jti=secrets.token_urlsafe(16),
+        jti=jti or secrets.token_urlsafe(16),
         sid=session_id,
         type=token_type,
     )
     return jwt.encode(claims.model_dump(), SECRET_KEY, algorithm=ALGORITHM), claims
 
 
-def mint_token_pair(username: str, session_id: str) -> tuple[Token, TokenClaims]:
-    """A new access and refresh token for a session, and the refresh token's claims."""
-    now = time.time()
-    access_token, _ = create_token(username, "access", session_id, now)
-    refresh_token, refresh_claims = create_token(username, "refresh", session_id, now)
+def mint_token_pair(
+    username: str, session_id: str, now: float, jtis: tuple[str, str] | None = None
+) -> tuple[Token, TokenClaims]:
+    """An access and a refresh token for a session, and the refresh token's claims. A login
+    leaves their jtis random; a refresh passes them (section 3)."""
+    access_jti, refresh_jti = jtis or (None, None)
+    access_token, _ = create_token(username, "access", session_id, now, access_jti)
+    refresh_token, refresh_claims = create_token(username, "refresh", session_id, now, refresh_jti)
     token = Token(access_token=access_token, refresh_token=refresh_token, expires_in=ACCESS_TOKEN_LIFETIME)
     return token, refresh_claims
 
@@ -393,7 +401,11 @@ def mint_token_pair(username: str, session_id: str) -> tuple[Token, TokenClaims]
 @functools.lru_cache(maxsize=4096)
 def verified_claims(token: str, key: str) -> TokenClaims:
     # verify_exp off: a cached verdict must not outlive the token, so decode_token() checks exp.
-    payload = jwt.decode(token, key, algorithms=[ALGORITHM], options={"verify_exp": False})
+    # verify_iat off: a worker whose clock runs a second ahead mints tokens "issued" in another's
+    # future; they are ours all the same, and exp, checked against this worker's clock, bounds them.
+    payload = jwt.decode(
+        token, key, algorithms=[ALGORITHM], options={"verify_exp": False, "verify_iat": False}
+    )
     try:
         claims = TokenClaims.model_validate(payload)
     except ValidationError as exc:
@@ -508,11 +520,21 @@ store = redis_client(settings.redis_uri) if settings.redis_uri else embedded_sto
 # --- 3. Refresh-token rotation with reuse detection ---
 
 # A refresh token lives for days, so a stolen one would be good for days. Rotation makes each one
-# work once: the store keeps, per session, the jti of its one valid refresh token ("refresh:<sid>",
-# expiring with it), and a refresh swaps it for the successor's. A refresh token presented again
-# after its swap means two parties hold it (a thief and the owner, in some order): the app cannot
-# tell which is which, so it revokes the whole session, and the owner logs in again.
+# work once: the store keeps, per session, the jti of its one valid refresh token (a hash at
+# "refresh:<sid>", expiring with it), and a refresh swaps it for the successor's. A refresh token
+# presented again after its swap means two parties hold it (a thief and the owner, in some order):
+# the app cannot tell which is which, so it revokes the whole session, and the owner logs in again.
+#
+# Except just after the swap. A client whose response was lost, or two tabs refreshing at once,
+# send the same token again a moment later: for REFRESH_GRACE_SECONDS after its swap, the token
+# just swapped out gets the same pair again, so the session stays one chain. The store keeps no
+# token to hand back (a leaked store must not leak sessions); the app mints the pair again, alike
+# to the byte: its jtis come from the presented jti (successor_jtis()), its times from the moment
+# of the swap, kept in the record, and signing the same claims gives the same token. The price: a
+# thief who replays within the window gets what the owner got, and nothing more; whichever of the
+# two refreshes second, after the window, revokes the session.
 REFRESH_KEY_PREFIX = "refresh:"
+REFRESH_GRACE_SECONDS = settings.refresh_grace_seconds
 
 
 def refresh_key(session_id: str) -> str:
@@ -520,38 +542,66 @@ def refresh_key(session_id: str) -> str:
 
 
 async def start_session(refresh: TokenClaims) -> None:
-    await store.set(refresh_key(refresh.sid), refresh.jti, exat=refresh.exp)  # gone when the token is
+    # MULTI/EXEC: both or neither, so no record outlives its token. One key: a cluster allows it.
+    async with store.pipeline(transaction=True) as pipe:
+        pipe.hset(refresh_key(refresh.sid), "jti", refresh.jti)
+        pipe.expireat(refresh_key(refresh.sid), refresh.exp)  # gone when the token is
+        await pipe.execute()
+
+
+def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
+    """The jtis of the pair a refresh with `presented` mints: the same on every retry. Keyed, so
+    that no one who sees a jti (the logs show some) can work out the next."""
+
+    def derived(kind: TokenType) -> str:
+        digest = hmac.digest(SECRET_KEY.encode(), f"{kind} after {presented.jti}".encode(), "sha256")
+        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()  # as token_urlsafe(16)
+
+    return derived("access"), derived("refresh")
 
 
 # Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
-# runs a Lua script atomically. KEYS and ARGV are its arguments; `~=` is "not equal"; EXAT sets
-# the expiry as an epoch second.
+# runs a Lua script atomically. KEYS and ARGV are its arguments; a field that is not there reads
+# as false; EXPIREAT sets the expiry as an epoch second.
 ROTATE_REFRESH_TOKEN = store.register_script(
     """
-    if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-    redis.call('SET', KEYS[1], ARGV[2], 'EXAT', ARGV[3])
-    return 1
+    local jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
+    if jti == ARGV[1] then  -- the valid one: swap it, and remember when
+        redis.call('HSET', KEYS[1], 'jti', ARGV[2], 'previous', ARGV[1], 'rotated_at', ARGV[3])
+        redis.call('EXPIREAT', KEYS[1], ARGV[4])
+        return ARGV[3]
+    end
+    if previous == ARGV[1] and tonumber(ARGV[3]) < tonumber(rotated_at) + tonumber(ARGV[5]) then
+        return rotated_at  -- a retry within the grace: the same swap
+    end
+    return false  -- used up, or the session is gone
     """
 )
 
 
-async def rotate_refresh_token(presented: TokenClaims, successor: TokenClaims) -> bool:
-    """Make `successor` its session's valid refresh token, if `presented` still is."""
-    key = refresh_key(presented.sid)
-    return bool(await ROTATE_REFRESH_TOKEN(keys=[key], args=[presented.jti, successor.jti, successor.exp]))
+async def rotate_refresh_token(presented: TokenClaims, successor_jti: str, now: float) -> float | None:
+    """When `presented` was swapped for its successor: now, if it was the valid refresh token; the
+    swap's moment, for a retry within the grace; None if it is neither."""
+    exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
+    args: list[str | int] = [presented.jti, successor_jti, repr(now), exat, REFRESH_GRACE_SECONDS]
+    rotated_at = await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args)
+    return None if rotated_at is None else float(rotated_at)
 
 
 async def refresh_session(refresh_token: str) -> Token:
-    """Rotate a session's refresh token; one that is no longer the current one revokes the session."""
+    """Rotate a session's refresh token; a retry within the grace gets the same pair again; any
+    other token that is no longer the current one revokes the session."""
     claims = verify_token(refresh_token, "refresh")
     if claims.sub not in USERS:  # deleted since: no new tokens
         raise bearer_error("Unknown user")
-    token, successor = mint_token_pair(claims.sub, claims.sid)
-    if not await rotate_refresh_token(claims, successor):
+    jtis = successor_jtis(claims)
+    rotated_at = await rotate_refresh_token(claims, jtis[1], time.time())
+    if rotated_at is None:
         await revoke_session(claims.sid, time.time())  # section 4
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise bearer_error("Refresh token has been revoked")
+    token, _ = mint_token_pair(claims.sub, claims.sid, rotated_at, jtis)
     return token
 
 
@@ -608,7 +658,13 @@ async def revoke_session(session_id: str, now: float) -> None:
 
 async def is_revoked(claims: TokenClaims) -> bool:
     if claims.type == "refresh":  # asked by /introspect and /is_token_revoked (Part 2)
-        return await store.get(refresh_key(claims.sid)) != claims.jti.encode()
+        # As a refresh would find it (section 3): the valid one, or a retry within the grace.
+        jti, previous, rotated_at = await store.hmget(
+            refresh_key(claims.sid), ["jti", "previous", "rotated_at"]
+        )
+        mine = claims.jti.encode()
+        in_grace = rotated_at is not None and time.time() < float(rotated_at) + REFRESH_GRACE_SECONDS
+        return not (jti == mine or (previous == mine and in_grace))
     token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
 
@@ -990,7 +1046,7 @@ async def login_for_access_token(
         known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
         client_log.warning("failed login for %s", known)
         raise bearer_error("Incorrect username or password", invalid_token=False)
-    token, refresh_claims = mint_token_pair(user.username, session_id=secrets.token_urlsafe(16))
+    token, refresh_claims = mint_token_pair(user.username, secrets.token_urlsafe(16), time.time())
     await start_session(refresh_claims)
     return token
 
@@ -1003,8 +1059,8 @@ async def login_for_access_token(
 )
 @limiter.limit(settings.rate_limit_anonymous)
 async def refresh(request: Request, grant: Annotated[RefreshGrant, Depends(refresh_grant)]) -> Token:
-    """JSON `{"refresh_token": ...}` or the RFC 6749 §6 form. The refresh token is used up;
-    presenting it again revokes its whole session."""
+    """JSON `{"refresh_token": ...}` or the RFC 6749 §6 form. The refresh token is used up: sent
+    again within REFRESH_GRACE_SECONDS it gets the same pair, later it revokes its whole session."""
     return await refresh_session(grant.refresh_token)
 
 
