@@ -214,6 +214,11 @@ class Settings(BaseSettings):
     rate_limit_admin: RateLimitSetting = "9999/minute"
     rate_limit_anonymous: RateLimitSetting = "20/minute"
     rate_limit_login: RateLimitSetting = "5/minute"
+    # Failed logins on one username in a row, from any address, before each next attempt waits:
+    # 1 s, then twice as long each time, up to the longest wait (which is also how long a quiet
+    # username takes to forget its failures).
+    login_backoff_after: int = Field(default=5, ge=1, le=1000)
+    login_backoff_max_seconds: int = Field(default=15 * 60, ge=1, le=24 * 3600)
 
     @model_validator(mode="after")
     def _key_and_store_go_together(self) -> "Settings":
@@ -1018,6 +1023,67 @@ def is_refresh_grant(request: Request) -> bool:
     return isinstance(request.state.grant, RefreshGrant)
 
 
+# ~~~ Skip on a first read: per-username backoff, against guessing from many addresses ~~~
+# refuse_during_backoff() answers 429 with Retry-After while a username must wait, and otherwise
+# counts the attempt as failed until login_succeeded() clears the count. Past LOGIN_BACKOFF_AFTER
+# failures in a row, from any addresses, each next attempt waits: 1 s, 2 s, 4 s, ... up to
+# LOGIN_BACKOFF_MAX_SECONDS. An address this username logged in from (within the refresh
+# lifetime) never waits, so a stranger cannot lock the owner out.
+LOGIN_BACKOFF_AFTER = settings.login_backoff_after
+LOGIN_BACKOFF_MAX_SECONDS = settings.login_backoff_max_seconds
+
+
+def login_keys(username: str, ip: str) -> list[str]:
+    """The username's failure count, and this address's mark of a past login with it. The part in
+    braces (a hash tag) puts both keys in one cluster slot; a keyed hash of the username, because a
+    tag cannot hold braces, and so that a million usernames tried leave keys of one short length."""
+    digest = hmac.digest(SECRET_KEY.encode(), f"login {username}".encode(), "sha256")
+    account = f"login:{{{base64.urlsafe_b64encode(digest[:16]).rstrip(b'=').decode()}}}"
+    return [account, f"{account}:{ip}"]
+
+
+# The attempt counts before its password is checked, so a burst of guesses sent at once cannot
+# all start before the first failure is known. Times go in and out as %.17g text: exact doubles.
+BEGIN_LOGIN = store.register_script(
+    """
+    local now, after, longest = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+    if redis.call('EXISTS', KEYS[2]) == 1 then return '0' end  -- an address it logged in from
+    local wait_until = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+    if now < wait_until then return string.format('%.17g', wait_until) end
+    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    if failures >= after then
+        wait_until = now + math.min(2 ^ (failures - after), longest)
+        redis.call('HSET', KEYS[1], 'until', string.format('%.17g', wait_until))
+    end
+    redis.call('EXPIREAT', KEYS[1], math.ceil(math.max(wait_until, now) + longest))
+    return '0'
+    """
+)
+
+
+async def refuse_during_backoff(username: str, ip: str) -> None:
+    """A 429 while this username must wait, whatever the password: known or not, right or wrong,
+    the answer is the same, and no bcrypt runs."""
+    now = time.time()
+    args: list[str | int] = [repr(now), LOGIN_BACKOFF_AFTER, LOGIN_BACKOFF_MAX_SECONDS]
+    wait_until = float(await BEGIN_LOGIN(keys=login_keys(username, ip), args=args))
+    if wait_until > now:
+        retry_after = str(math.ceil(wait_until - now))  # allowed at wait_until itself: never early
+        detail = "Too many failed logins for this username; try again later"
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": retry_after})
+
+
+async def login_succeeded(username: str, ip: str) -> None:
+    account, known_address = login_keys(username, ip)
+    async with store.pipeline(transaction=True) as pipe:  # one slot: a cluster allows MULTI
+        pipe.delete(account)
+        pipe.set(known_address, 1, exat=int(time.time()) + REFRESH_TOKEN_LIFETIME)
+        await pipe.execute()
+
+
+# ~~~ end ~~~
+
+
 # --- Endpoints: log in, refresh, log out ---
 
 
@@ -1040,12 +1106,14 @@ async def login_for_access_token(
     per client IP and per IP + username, a refresh per client IP."""
     if isinstance(grant, RefreshGrant):
         return await refresh_session(grant.refresh_token)
+    await refuse_during_backoff(grant.username, client_ip(request))  # just above
     user = await authenticate_user(grant.username, grant.password)
     if user is None:
         # Only a known name: an unknown one may be a password typed into the wrong field.
         known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
         client_log.warning("failed login for %s", known)
         raise bearer_error("Incorrect username or password", invalid_token=False)
+    await login_succeeded(user.username, client_ip(request))
     token, refresh_claims = mint_token_pair(user.username, secrets.token_urlsafe(16), time.time())
     await start_session(refresh_claims)
     return token

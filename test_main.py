@@ -3,8 +3,10 @@ refresh, log out. They run on the embedded fake Redis, or on a real one when RED
 
 import asyncio
 import gc
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -38,6 +40,7 @@ from redis.exceptions import ClusterDownError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import main
 
@@ -277,6 +280,8 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"access_token_expire_minutes": "0"}, "greater than or equal to 1"),
         ({"refresh_token_expire_minutes": str(10**20)}, "less than or equal to 525600"),
         ({"refresh_grace_seconds": "61"}, "less than or equal to 60"),
+        ({"login_backoff_after": "0"}, "greater than or equal to 1"),
+        ({"login_backoff_max_seconds": "0"}, "greater than or equal to 1"),
         ({"refresh_grace_seconds": "-1"}, "greater than or equal to 0"),
         ({"cleanup_interval_seconds": "inf"}, "finite number"),
         ({"cleanup_interval_seconds": "1e-300"}, "greater than or equal to 0.01"),
@@ -660,6 +665,158 @@ def test_failed_login_is_logged_without_password(
         client.post("/token", json={"username": "jane_doe", "password": "hunter2-secret"})
     assert "failed login for username 'jane_doe'" in caplog.text
     assert "hunter2-secret" not in caplog.text
+
+
+# --- Password guessing: per-username backoff ---
+
+
+@pytest.fixture
+def proxied_client() -> Iterator[TestClient]:
+    """The app behind uvicorn's proxy-headers middleware, as `uvicorn main:app` runs it, called
+    from 127.0.0.1, which uvicorn trusts: each request's X-Forwarded-For is its client address."""
+    with TestClient(ProxyHeadersMiddleware(main.app), client=("127.0.0.1", 50000)) as test_client:
+        test_client.portal.call(main.store.flushdb)
+        yield test_client
+
+
+def login_from(client: TestClient, address: str, username: str = "jane_doe", password: str = "wrong") -> Any:
+    body = {"username": username, "password": password}
+    return client.post("/token", json=body, headers={"X-Forwarded-For": address})
+
+
+# Fifty addresses, a guess from each in turn: the per-IP limits never see more than one.
+ATTACKERS = [f"198.51.100.{n}" for n in range(1, 51)]
+BACKOFF = oauth2_error("Too many failed logins for this username; try again later", "temporarily_unavailable")
+WRONG_PASSWORD = oauth2_error("Incorrect username or password", "invalid_grant")
+
+
+def answer(r: Any) -> tuple[int, Any, str | None]:
+    return r.status_code, r.json(), r.headers.get("retry-after")
+
+
+def test_guesses_from_fifty_addresses_wait_twice_as_long_each_time(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    attackers = iter(ATTACKERS)
+    failures = [answer(login_from(proxied_client, next(attackers))) for _ in range(5)]
+    assert failures == [(401, WRONG_PASSWORD, None)] * 5
+    for wait in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]:
+        assert answer(login_from(proxied_client, next(attackers))) == (429, BACKOFF, str(wait))
+        stopped_clock.now += wait - 0.001
+        assert answer(login_from(proxied_client, next(attackers))) == (429, BACKOFF, "1")  # never early
+        stopped_clock.now += 0.001
+        assert answer(login_from(proxied_client, next(attackers))) == (401, WRONG_PASSWORD, None)
+
+
+def test_fifty_addresses_get_17_guesses_in_the_first_hour_then_4_an_hour(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    """The README's figure: an attacker who retries the moment Retry-After allows."""
+    start, attackers, guesses = stopped_clock.now, itertools.cycle(ATTACKERS), []
+    while stopped_clock.now < start + 2 * 3600:
+        r = login_from(proxied_client, next(attackers))
+        if r.status_code == 429:
+            stopped_clock.now += int(r.headers["retry-after"])
+        else:
+            guesses.append(stopped_clock.now - start)
+    assert sum(1 for at in guesses if at < 3600) == 17
+    assert sum(1 for at in guesses if 3600 <= at < 2 * 3600) == 4
+
+
+def test_waits_stop_doubling_at_the_longest_wait(
+    proxied_client: TestClient, stopped_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(main, "LOGIN_BACKOFF_MAX_SECONDS", 3)
+    retry_afters = []
+    for attacker in ATTACKERS[:13]:
+        r = login_from(proxied_client, attacker)
+        if r.status_code == 429:
+            retry_afters.append(r.headers["retry-after"])
+            stopped_clock.now += int(r.headers["retry-after"])
+    assert retry_afters == ["1", "2", "3", "3"]
+
+
+def test_an_attempt_during_a_wait_checks_no_password(
+    proxied_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker)
+    checked: list[bytes] = []
+    checkpw = bcrypt.checkpw
+    monkeypatch.setattr(
+        bcrypt, "checkpw", lambda password, hashed: checked.append(password) or checkpw(password, hashed)
+    )
+    assert login_from(proxied_client, ATTACKERS[5], password=PASSWORDS["jane_doe"]).status_code == 429
+    assert checked == []
+
+
+def test_the_owners_known_address_logs_in_during_an_attack(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    home = "203.0.113.9"
+    assert login_from(proxied_client, home, password=PASSWORDS["jane_doe"]).status_code == 200
+    for attacker in ATTACKERS[:6]:
+        login_from(proxied_client, attacker)
+    assert login_from(proxied_client, ATTACKERS[6]).status_code == 429
+    assert login_from(proxied_client, home, password=PASSWORDS["jane_doe"]).status_code == 200
+
+
+def test_the_right_password_from_a_new_address_waits_then_gets_in(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker)
+    traveller = "192.0.2.44"
+    right = login_from(proxied_client, traveller, password=PASSWORDS["jane_doe"])
+    wrong = login_from(proxied_client, "192.0.2.45")
+    assert answer(right) == answer(wrong) == (429, BACKOFF, "1")  # no hint that the password was right
+    stopped_clock.now += 1
+    assert login_from(proxied_client, traveller, password=PASSWORDS["jane_doe"]).status_code == 200
+
+
+def test_unknown_usernames_back_off_exactly_as_known_ones(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    def attack(username: str) -> list[tuple[int, Any, str | None]]:
+        answers = []
+        for attacker in ATTACKERS[:8]:
+            answers.append(answer(login_from(proxied_client, attacker, username)))
+            stopped_clock.now += 0.5
+        return answers
+
+    assert attack("no_such_user") == attack("jane_doe")
+
+
+def test_a_success_resets_the_count(proxied_client: TestClient) -> None:
+    statuses = [login_from(proxied_client, attacker).status_code for attacker in ATTACKERS[:4]]
+    statuses.append(login_from(proxied_client, "203.0.113.9", password=PASSWORDS["jane_doe"]).status_code)
+    statuses += [login_from(proxied_client, attacker).status_code for attacker in ATTACKERS[4:10]]
+    assert statuses == [401] * 4 + [200] + [401] * 5 + [429]
+
+
+def test_a_quiet_username_forgets_its_failures(proxied_client: TestClient, stopped_clock: FakeClock) -> None:
+    """Every key the backoff writes expires on its own: the count a quiet period after its wait
+    ends, the address of a login with the refresh token."""
+    home = "203.0.113.9"
+    login_from(proxied_client, home, password=PASSWORDS["jane_doe"])
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker)
+    account, known = main.login_keys("jane_doe", home)
+    expiry = {
+        key: proxied_client.portal.call(main.store.expiretime, key)
+        for key in store_keys(proxied_client, "login:*")
+    }
+    assert expiry == {
+        account.encode(): math.ceil(stopped_clock.now + 1 + main.LOGIN_BACKOFF_MAX_SECONDS),
+        known.encode(): int(stopped_clock.now) + main.REFRESH_TOKEN_LIFETIME,
+    }
+
+
+def test_guesses_the_per_ip_limit_refuses_store_nothing(proxied_client: TestClient) -> None:
+    attacker = ATTACKERS[0]
+    statuses = [login_from(proxied_client, attacker, f"user{n}").status_code for n in range(21)]
+    assert statuses == [401] * 20 + [429]
+    assert len(store_keys(proxied_client, "login:*")) == 20
 
 
 # --- Calling with the access token ---
@@ -2927,6 +3084,26 @@ def test_behind_a_root_path_status_and_oauth2_errors_still_line_up(tmp_path: Pat
         wrong = httpx2.post(f"{base}/token", json={"username": "jane_doe", "password": "wrong"})
     assert status["endpoints"]["/users/me"]["remaining"] == 1
     assert wrong.json() == oauth2_error("Incorrect username or password", "invalid_grant")
+
+
+def test_uvicorn_slows_guesses_from_forwarded_addresses_but_not_the_owner(tmp_path: Path) -> None:
+    """`uvicorn main:app` as the README runs it, behind a proxy on 127.0.0.1 that sets
+    X-Forwarded-For: guesses from many addresses end in a wait, and the owner's address does not."""
+    with default_app(tmp_path) as base:
+
+        def log_in(address: str, password: str) -> Any:
+            body = {"username": "jane_doe", "password": password}
+            return httpx2.post(f"{base}/token", json=body, headers={"X-Forwarded-For": address})
+
+        assert log_in("203.0.113.9", PASSWORDS["jane_doe"]).status_code == 200
+        # Each wrong guess takes a real bcrypt check; the waits double until one outlasts it.
+        answers = [log_in(attacker, "wrong") for attacker in ATTACKERS[:15]]
+        owner = log_in("203.0.113.9", PASSWORDS["jane_doe"])
+    statuses = [r.status_code for r in answers]
+    assert statuses[:5] == [401] * 5 and 429 in statuses
+    refused = answers[statuses.index(429)]
+    assert (refused.json(), int(refused.headers["retry-after"]) >= 1) == (BACKOFF, True)
+    assert owner.status_code == 200
 
 
 # --- The README's run command under hostile connections ---
