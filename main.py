@@ -567,16 +567,24 @@ def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
 
 # Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
 # runs a Lua script atomically. KEYS and ARGV are its arguments; a field that is not there reads
-# as false; EXPIREAT sets the expiry as an epoch second.
+# as false; EXPIREAT sets the expiry as an epoch second. With ARGV[6] "peek" it only answers.
 ROTATE_REFRESH_TOKEN = store.register_script(
     """
-    local jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
+    local jti, previous, rotated_at
+    if redis.call('TYPE', KEYS[1]).ok == 'string' then  -- written before retries had grace
+        jti = redis.call('GET', KEYS[1])
+    else
+        jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
+    end
     if jti == ARGV[1] then  -- the valid one: swap it, and remember when
+        if ARGV[6] == 'peek' then return ARGV[3] end
+        redis.call('DEL', KEYS[1])
         redis.call('HSET', KEYS[1], 'jti', ARGV[2], 'previous', ARGV[1], 'rotated_at', ARGV[3])
         redis.call('EXPIREAT', KEYS[1], ARGV[4])
         return ARGV[3]
     end
-    if previous == ARGV[1] and tonumber(ARGV[3]) < tonumber(rotated_at) + tonumber(ARGV[5]) then
+    local grace = tonumber(ARGV[5])
+    if grace > 0 and previous == ARGV[1] and tonumber(ARGV[3]) < tonumber(rotated_at) + grace then
         return rotated_at  -- a retry within the grace: the same swap
     end
     return false  -- used up, or the session is gone
@@ -584,11 +592,14 @@ ROTATE_REFRESH_TOKEN = store.register_script(
 )
 
 
-async def rotate_refresh_token(presented: TokenClaims, successor_jti: str, now: float) -> float | None:
+async def rotate_refresh_token(
+    presented: TokenClaims, successor_jti: str, now: float, *, peek: bool = False
+) -> float | None:
     """When `presented` was swapped for its successor: now, if it was the valid refresh token; the
-    swap's moment, for a retry within the grace; None if it is neither."""
+    swap's moment, for a retry within the grace; None if it is neither. `peek`: swap nothing."""
     exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
     args: list[str | int] = [presented.jti, successor_jti, repr(now), exat, REFRESH_GRACE_SECONDS]
+    args.append("peek" if peek else "")
     rotated_at = await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args)
     return None if rotated_at is None else float(rotated_at)
 
@@ -599,14 +610,15 @@ async def refresh_session(refresh_token: str) -> Token:
     claims = verify_token(refresh_token, "refresh")
     if claims.sub not in USERS:  # deleted since: no new tokens
         raise bearer_error("Unknown user")
-    jtis = successor_jtis(claims)
-    rotated_at = await rotate_refresh_token(claims, jtis[1], time.time())
+    jtis, now = successor_jtis(claims), time.time()
+    rotated_at = await rotate_refresh_token(claims, jtis[1], now)
     if rotated_at is None:
-        await revoke_session(claims.sid, time.time())  # section 4
+        await revoke_session(claims.sid, now)  # section 4
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise bearer_error("Refresh token has been revoked")
     token, _ = mint_token_pair(claims.sub, claims.sid, rotated_at, jtis)
+    token.expires_in -= max(0, int(now) - int(rotated_at))  # a retry's pair is that much older
     return token
 
 
@@ -664,12 +676,7 @@ async def revoke_session(session_id: str, now: float) -> None:
 async def is_revoked(claims: TokenClaims) -> bool:
     if claims.type == "refresh":  # asked by /introspect and /is_token_revoked (Part 2)
         # As a refresh would find it (section 3): the valid one, or a retry within the grace.
-        jti, previous, rotated_at = await store.hmget(
-            refresh_key(claims.sid), ["jti", "previous", "rotated_at"]
-        )
-        mine = claims.jti.encode()
-        in_grace = rotated_at is not None and time.time() < float(rotated_at) + REFRESH_GRACE_SECONDS
-        return not (jti == mine or (previous == mine and in_grace))
+        return await rotate_refresh_token(claims, "", time.time(), peek=True) is None
     token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
 
