@@ -440,23 +440,41 @@ def decode_token(token: str, *, allow_expired: bool = False) -> TokenClaims:
     return claims
 
 
-def bearer_error(detail: str, *, invalid_token: bool = True) -> HTTPException:
-    """The tutorial's credentials_exception: a 401 that tells the client, per RFC 6750, whether the
-    token it sent was the problem."""
-    challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+def bearer_error(detail: str) -> HTTPException:
+    """The tutorial's credentials_exception: a 401 whose challenge tells the client, per RFC 6750,
+    that the token it sent was the problem."""
+    challenge = 'Bearer error="invalid_token"'
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": challenge})
 
 
-def verify_token(token: str, expected_type: TokenType) -> TokenClaims:
-    """Decode a token presented as a credential, or raise the 401 that says what is wrong with it."""
+class OAuth2Error(HTTPException):
+    """An error of the OAuth2 endpoints with its RFC 6749 `error` code (Part 2 puts it in the body)."""
+
+    def __init__(self, status_code: int, error: str, detail: str) -> None:
+        super().__init__(status_code, detail=detail)
+        self.error = error
+
+
+def refused_grant(detail: str) -> OAuth2Error:
+    """How /token and /refresh refuse a password or a refresh token: RFC 6749 §5.2's 400
+    "invalid_grant", with no challenge. FastAPI's tutorial answers a wrong password with a 401 and
+    WWW-Authenticate, but a challenge is for the API's own endpoints (RFC 6750): strict OAuth2
+    clients take a 401 with one for a challenge, and never read the error."""
+    return OAuth2Error(status.HTTP_400_BAD_REQUEST, "invalid_grant", detail)
+
+
+def verify_token(
+    token: str, expected_type: TokenType, refuse: Callable[[str], HTTPException] = bearer_error
+) -> TokenClaims:
+    """Decode a token, or raise the error (a 401, or `refuse`'s) that says what is wrong with it."""
     try:
         claims = decode_token(token)
     except jwt.ExpiredSignatureError:
-        raise bearer_error("Token has expired") from None
+        raise refuse("Token has expired") from None
     except jwt.InvalidTokenError:
-        raise bearer_error("Invalid token") from None
+        raise refuse("Invalid token") from None
     if claims.type != expected_type:
-        raise bearer_error(f"Wrong token type: expected {expected_type}, got {claims.type}")
+        raise refuse(f"Wrong token type: expected {expected_type}, got {claims.type}")
     return claims
 
 
@@ -607,16 +625,16 @@ async def rotate_refresh_token(
 async def refresh_session(refresh_token: str) -> Token:
     """Rotate a session's refresh token; a retry within the grace gets the same pair again; any
     other token that is no longer the current one revokes the session."""
-    claims = verify_token(refresh_token, "refresh")
+    claims = verify_token(refresh_token, "refresh", refuse=refused_grant)  # a 400: see refused_grant()
     if claims.sub not in USERS:  # deleted since: no new tokens
-        raise bearer_error("Unknown user")
+        raise refused_grant("Unknown user")
     jtis, now = successor_jtis(claims), time.time()
     rotated_at = await rotate_refresh_token(claims, jtis[1], now)
     if rotated_at is None:
         await revoke_session(claims.sid, now)  # section 4
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
-        raise bearer_error("Refresh token has been revoked")
+        raise refused_grant("Refresh token has been revoked")
     token, _ = mint_token_pair(claims.sub, claims.sid, rotated_at, jtis)
     token.expires_in -= max(0, int(now) - int(rotated_at))  # a retry's pair is that much older
     return token
@@ -933,7 +951,7 @@ app.router.route_class = PortalRoute  # lets SlowAPI's checks wait for Redis on 
 # ~~~ Skip on a first read: request bodies and what /docs shows of errors ~~~
 # The token endpoints take JSON (what curl sends here) or a form (what OAuth2 clients send), read
 # by request_fields() and parsed() (Part 2) into these grant models, or answered with a 400, 415
-# or 422 (OAuth2Error, Part 2, for an unsupported grant_type).
+# or 422 (OAuth2Error, section 2, for an unsupported grant_type).
 # error_responses() lists the error bodies an endpoint can send, for /docs.
 class PasswordGrant(BaseModel):
     """RFC 6749 §4.3: log in with a username and password."""
@@ -1119,7 +1137,7 @@ async def login_for_access_token(
         # Only a known name: an unknown one may be a password typed into the wrong field.
         known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
         client_log.warning("failed login for %s", known)
-        raise bearer_error("Incorrect username or password", invalid_token=False)
+        raise refused_grant("Incorrect username or password")  # not the tutorial's 401: see refused_grant()
     await login_succeeded(user.username, client_ip(request))
     token, refresh_claims = mint_token_pair(user.username, secrets.token_urlsafe(16), time.time())
     await start_session(refresh_claims)
@@ -1267,24 +1285,14 @@ def parsed(model: type[ModelT], fields: Any) -> ModelT:
         raise RequestValidationError(exc.errors()) from None
 
 
-class OAuth2Error(HTTPException):
-    """An error whose RFC 6749 code is not the one its status implies (see error_response())."""
-
-    def __init__(self, status_code: int, error: str, detail: str) -> None:
-        super().__init__(status_code, detail=detail)
-        self.error = error
-
-
 # --- Error responses ---
 
 # Token responses must not be cached (RFC 6749 §5.1); Pragma for HTTP/1.0 caches.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 OAUTH2_PATHS = {"/token", "/refresh", "/revoke", "/introspect"}
-# RFC 6749 §5.2's code for each error status of those endpoints; any other 4xx is invalid_request.
-# (RFC 6749 answers a bad grant with 400; this app answers 401, as FastAPI's tutorial does, and
-# clients go by `error`.)
+# RFC 6749 §5.2's code for each error status of those endpoints, unless the error names its own
+# (an OAuth2Error, as a refused grant does); any other 4xx is invalid_request.
 OAUTH2_ERROR_CODES = {
-    status.HTTP_401_UNAUTHORIZED: "invalid_grant",
     status.HTTP_429_TOO_MANY_REQUESTS: "temporarily_unavailable",
     status.HTTP_503_SERVICE_UNAVAILABLE: "temporarily_unavailable",
 }
@@ -1496,7 +1504,10 @@ class Introspection(BaseModel):
     """RFC 7662 §2.2. Everything but `active` is left out for a token that is not active."""
 
     active: bool
-    token_type: Literal["access_token", "refresh_token"] | None = None
+    # RFC 6749 §7.1's type, which says how an access token is used; a refresh token is used only
+    # here, at the token endpoints, so it has none. Which kind of token it is: token_use.
+    token_type: Literal["Bearer"] | None = None
+    token_use: TokenType | None = None
     sub: str | None = None
     username: str | None = None
     exp: int | None = None
@@ -1561,7 +1572,8 @@ async def introspect(request: Request, body: PresentedToken) -> Introspection:
         return Introspection(active=False)
     return Introspection(
         active=True,
-        token_type="access_token" if claims.type == "access" else "refresh_token",
+        token_type="Bearer" if claims.type == "access" else None,
+        token_use=claims.type,
         sub=claims.sub,
         username=claims.sub,
         exp=claims.exp,
@@ -1582,7 +1594,9 @@ async def server_metadata(request: Request) -> ServerMetadata:
         revocation_endpoint=str(request.url_for("revoke_token")),
         introspection_endpoint=str(request.url_for("introspect")),
         grant_types_supported=["password", "refresh_token"],
-        response_types_supported=[],
+        # REQUIRED (RFC 8414), though this server has no authorization endpoint: "none" is the
+        # registered response type that issues nothing (OAuth 2.0 Multiple Response Types).
+        response_types_supported=["none"],
         token_endpoint_auth_methods_supported=no_client_auth,
         revocation_endpoint_auth_methods_supported=no_client_auth,
         introspection_endpoint_auth_methods_supported=no_client_auth,
