@@ -304,12 +304,16 @@ MAX_WAITING_LOGINS = 8 * BCRYPT_THREADS  # at ~0.2 s each, at most ~1.6 s of wai
 waiting_logins = 0
 
 
-@contextmanager
-def login_slot() -> Iterator[None]:
-    global waiting_logins  # one event loop per process: no lock needed
+def refuse_if_too_many_logins_wait() -> None:
     if waiting_logins >= MAX_WAITING_LOGINS:
         detail = "Too many logins at once; try again shortly"
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": "1"})
+
+
+@contextmanager
+def login_slot() -> Iterator[None]:
+    global waiting_logins  # one event loop per process: no lock needed
+    refuse_if_too_many_logins_wait()
     waiting_logins += 1
     try:
         yield
@@ -892,13 +896,16 @@ class PortalRoute(APIRoute):
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
+UNKNOWN_CLIENT = "unknown"
+
+
 def client_ip(request: Request) -> str:
     """Whom the per-IP limits count: the client's IP address, an IPv6 /64 (what one host is usually
     given) as one client, and anything else (a bad X-Forwarded-For) as one client, "unknown"."""
     try:
         address = ipaddress.ip_address(request.client.host if request.client else "")
     except ValueError:
-        return "unknown"
+        return UNKNOWN_CLIENT
     if isinstance(address, ipaddress.IPv6Address):
         # An IPv4 client, as a listener on both IPv4 and IPv6 (::ffff:a.b.c.d) or NAT64
         # (64:ff9b::a.b.c.d) shows it: counted by its IPv4 address, not with every other one.
@@ -1053,7 +1060,8 @@ def is_refresh_grant(request: Request) -> bool:
 # counts the attempt as failed until login_succeeded() clears the count. Past LOGIN_BACKOFF_AFTER
 # failures in a row, from any addresses, each next attempt waits: 1 s, 2 s, 4 s, ... up to
 # LOGIN_BACKOFF_MAX_SECONDS. An address this username logged in from (within the refresh
-# lifetime) never waits, so a stranger cannot lock the owner out.
+# lifetime) never waits, so a stranger cannot lock the owner out there. Times are the workers'
+# clocks, as everywhere in this app: keep them in sync.
 LOGIN_BACKOFF_AFTER = settings.login_backoff_after
 LOGIN_BACKOFF_MAX_SECONDS = settings.login_backoff_max_seconds
 
@@ -1089,21 +1097,33 @@ BEGIN_LOGIN = store.register_script(
 async def refuse_during_backoff(username: str, ip: str) -> None:
     """A 429 while this username must wait, whatever the password: known or not, right or wrong,
     the answer is the same, and no bcrypt runs."""
+    refuse_if_too_many_logins_wait()  # a login the bcrypt queue refuses is not counted
     now = time.time()
     args: list[str | int] = [repr(now), LOGIN_BACKOFF_AFTER, LOGIN_BACKOFF_MAX_SECONDS]
     wait_until = float(await BEGIN_LOGIN(keys=login_keys(username, ip), args=args))
     if wait_until > now:
         retry_after = str(math.ceil(wait_until - now))  # allowed at wait_until itself: never early
+        known = f"username {username!r}" if username in USERS else "an unknown username"
+        client_log.warning("login refused during a backoff of %s s for %s", retry_after, known)
         detail = "Too many failed logins for this username; try again later"
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": retry_after})
 
 
+# Marks the address as known. A success from a new address also clears the count; one from a
+# known address (never counted) leaves it, or strangers would see their waits vanish whenever the
+# owner logs in, and so learn that the account exists. No mark for unparsable addresses: they
+# all share one key, UNKNOWN_CLIENT.
+LOGIN_SUCCEEDED = store.register_script(
+    """
+    if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[1]) end
+    if ARGV[2] == '1' then redis.call('SET', KEYS[2], 1, 'EXAT', ARGV[1]) end
+    """
+)
+
+
 async def login_succeeded(username: str, ip: str) -> None:
-    account, known_address = login_keys(username, ip)
-    async with store.pipeline(transaction=True) as pipe:  # one slot: a cluster allows MULTI
-        pipe.delete(account)
-        pipe.set(known_address, 1, exat=int(time.time()) + REFRESH_TOKEN_LIFETIME)
-        await pipe.execute()
+    args = [int(time.time()) + REFRESH_TOKEN_LIFETIME, int(ip != UNKNOWN_CLIENT)]
+    await LOGIN_SUCCEEDED(keys=login_keys(username, ip), args=args)
 
 
 # ~~~ end ~~~

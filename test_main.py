@@ -791,7 +791,52 @@ def test_unknown_usernames_back_off_exactly_as_known_ones(
     assert attack("no_such_user") == attack("jane_doe")
 
 
-def test_a_success_resets_the_count(proxied_client: TestClient) -> None:
+def test_a_success_from_a_known_address_leaves_the_count(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    """Or strangers would see their waits vanish whenever the owner logs in."""
+    home = "203.0.113.9"
+    assert login_from(proxied_client, home, password=PASSWORDS["jane_doe"]).status_code == 200
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker)
+    assert login_from(proxied_client, home, password=PASSWORDS["jane_doe"]).status_code == 200
+    assert answer(login_from(proxied_client, ATTACKERS[5])) == (429, BACKOFF, "1")
+
+
+def test_a_login_the_bcrypt_queue_refuses_is_not_counted(
+    proxied_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(main, "waiting_logins", main.MAX_WAITING_LOGINS)
+    assert {login_from(proxied_client, attacker).status_code for attacker in ATTACKERS[:5]} == {503}
+    monkeypatch.setattr(main, "waiting_logins", 0)
+    right = login_from(proxied_client, ATTACKERS[5], password=PASSWORDS["jane_doe"])
+    assert right.status_code == 200
+
+
+def test_an_unparsable_address_never_becomes_a_known_one(proxied_client: TestClient) -> None:
+    """Every unparsable X-Forwarded-For is one client, "unknown": the owner's login from one must
+    not exempt all the others."""
+    assert login_from(proxied_client, "not-an-ip", password=PASSWORDS["jane_doe"]).status_code == 200
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker)
+    assert answer(login_from(proxied_client, "junk")) == (429, BACKOFF, "1")
+
+
+@pytest.mark.parametrize(
+    ("username", "named"), [("jane_doe", "username 'jane_doe'"), ("nobody", "an unknown username")]
+)
+def test_a_refusal_during_a_backoff_is_logged_with_only_a_known_username(
+    proxied_client: TestClient, caplog: pytest.LogCaptureFixture, username: str, named: str
+) -> None:
+    for attacker in ATTACKERS[:5]:
+        login_from(proxied_client, attacker, username)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="uvicorn.app"):
+        login_from(proxied_client, ATTACKERS[5], username)
+    assert caplog.messages == [f"login refused during a backoff of 1 s for {named}"]
+
+
+def test_a_success_from_a_new_address_resets_the_count(proxied_client: TestClient) -> None:
     statuses = [login_from(proxied_client, attacker).status_code for attacker in ATTACKERS[:4]]
     statuses.append(login_from(proxied_client, "203.0.113.9", password=PASSWORDS["jane_doe"]).status_code)
     statuses += [login_from(proxied_client, attacker).status_code for attacker in ATTACKERS[4:10]]
