@@ -41,6 +41,7 @@ import redis.asyncio
 import redis.asyncio.retry
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer
@@ -183,9 +184,21 @@ def one_rate_limit(value: str) -> str:
     return value
 
 
+def browser_origins(value: str) -> str:
+    """Comma-separated origins, each a scheme and host (and port) as a browser sends it, or "*"."""
+    origins = [origin.strip() for origin in value.split(",") if origin.strip()]
+    for origin in origins:
+        parts = urllib.parse.urlsplit(origin)
+        bare = parts.netloc and not (parts.path or parts.query or parts.fragment or "@" in parts.netloc)
+        if origin != "*" and not (parts.scheme in ("http", "https") and bare):
+            raise ValueError("must list origins like https://app.example.com, comma-separated, or *")
+    return ",".join(origins)
+
+
 RedisUri = Annotated[str, AfterValidator(usable_redis_uri)]
 SecretKey = Annotated[SecretStr | None, AfterValidator(strong_secret)]
 RateLimitSetting = Annotated[str, AfterValidator(one_rate_limit)]
+BrowserOrigins = Annotated[str, AfterValidator(browser_origins)]
 # ~~~ end of what the settings refuse ~~~
 
 
@@ -219,6 +232,8 @@ class Settings(BaseSettings):
     # username takes to forget its failures).
     login_backoff_after: int = Field(default=5, ge=1, le=1000)
     login_backoff_max_seconds: int = Field(default=15 * 60, ge=1, le=24 * 3600)
+    # Browser apps on these origins may call the API (CORS, Part 2); empty: none may.
+    cors_allow_origins: BrowserOrigins = ""
 
     @model_validator(mode="after")
     def _key_and_store_go_together(self) -> "Settings":
@@ -1264,6 +1279,7 @@ async def health() -> HealthOut:
 
 # --- Request bodies: JSON or an OAuth2 form ---
 
+MULTIPART_TYPE = "multipart/form-data"
 REQUEST_FIELDS = {"grant_type", "username", "password", "refresh_token", "token", "token_type_hint"}
 
 
@@ -1273,8 +1289,8 @@ async def request_fields(request: Request) -> Any:
     try:
         if content_type == "application/json":
             return json.loads(await request.body(), object_pairs_hook=without_duplicates)
-        if content_type == FORM_TYPE:
-            form = await request.form()
+        if content_type in (FORM_TYPE, MULTIPART_TYPE):  # multipart: what a browser's FormData sends
+            form = await request.form(max_files=0)  # a file part: a 400
             # RFC 6749 §3.2: no parameter twice. Which copy counts would be anyone's guess (a proxy
             # might read the first, this app the last). Fields this app does not read are ignored.
             if any(len(form.getlist(name)) > 1 for name in REQUEST_FIELDS):
@@ -1282,7 +1298,7 @@ async def request_fields(request: Request) -> Any:
             return dict(form)
     except (ValueError, RecursionError):  # what json raises for a malformed or too deeply nested body
         raise HTTPException(status.HTTP_400_BAD_REQUEST, detail="Request body is malformed") from None
-    detail = f"Send application/json or {FORM_TYPE}"
+    detail = f"Send application/json, {FORM_TYPE} or {MULTIPART_TYPE}"
     raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, detail=detail)
 
 
@@ -1495,6 +1511,29 @@ class BodySizeLimit:
 
 
 app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+
+
+# --- Browser apps on other origins (CORS) ---
+
+# Off unless CORS_ALLOW_ORIGINS lists origins. Then Starlette's middleware, outermost, answers
+# their preflights (OPTIONS) and lets their scripts read the answers, the rate-limit headers and
+# Retry-After included. Tokens travel in headers and bodies, never cookies: no credentials mode.
+RATE_LIMIT_HEADERS = ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+if settings.cors_allow_origins:
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins.split(","),
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=[
+            *RATE_LIMIT_HEADERS,
+            "RateLimit",
+            "RateLimit-Policy",
+            "Retry-After",
+            "WWW-Authenticate",
+        ],
+        max_age=600,
+    )
 
 
 # --- OAuth2 endpoints for standard clients: revocation, introspection, metadata ---

@@ -281,6 +281,13 @@ GOOD_URI = "redis://localhost:6379/0"
         ({"access_token_expire_minutes": "0"}, "greater than or equal to 1"),
         ({"refresh_token_expire_minutes": str(10**20)}, "less than or equal to 525600"),
         ({"refresh_grace_seconds": "61"}, "less than or equal to 60"),
+        ({"cors_allow_origins": "https://app.example/"}, "must list origins like https://app.example.com"),
+        ({"cors_allow_origins": "app.example"}, "must list origins like https://app.example.com"),
+        (
+            {"cors_allow_origins": "https://user@app.example"},
+            "must list origins like https://app.example.com",
+        ),
+        ({"cors_allow_origins": "ftp://app.example"}, "must list origins like https://app.example.com"),
         ({"login_backoff_after": "0"}, "greater than or equal to 1"),
         ({"login_backoff_max_seconds": "0"}, "greater than or equal to 1"),
         ({"refresh_grace_seconds": "-1"}, "greater than or equal to 0"),
@@ -596,9 +603,29 @@ def test_login_rejects_malformed_json(client: TestClient) -> None:
 def test_login_rejects_other_content_types(client: TestClient) -> None:
     r = client.post("/token", content=b"jane_doe:password456", headers={"Content-Type": "text/plain"})
     assert r.status_code == 415, r.text
-    assert r.json() == oauth2_error(
-        "Send application/json or application/x-www-form-urlencoded", "invalid_request"
-    )
+    detail = "Send application/json, application/x-www-form-urlencoded or multipart/form-data"
+    assert r.json() == oauth2_error(detail, "invalid_request")
+
+
+def test_login_takes_multipart_form_data_as_a_browsers_formdata_sends_it(client: TestClient) -> None:
+    fields = {"username": (None, "jane_doe"), "password": (None, PASSWORDS["jane_doe"])}
+    r = client.post("/token", files=fields)
+    assert r.status_code == 200, r.text
+    assert r.request.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert set(r.json()) == {"access_token", "refresh_token", "token_type", "expires_in"}
+
+
+def test_a_multipart_login_with_a_file_is_a_400(client: TestClient) -> None:
+    r = client.post("/token", files={"username": ("name.txt", b"jane_doe"), "password": (None, "x")})
+    assert r.status_code == 400, r.text
+    assert r.json() == oauth2_error("Too many files. Maximum number of files is 0.", "invalid_request")
+
+
+def test_a_multipart_field_sent_twice_is_refused(client: TestClient) -> None:
+    fields = [("username", (None, "jane_doe")), ("username", (None, "john_doe")), ("password", (None, "x"))]
+    r = client.post("/token", files=fields)
+    assert r.status_code == 400, r.text
+    assert r.json() == oauth2_error("A form field appears more than once", "invalid_request")
 
 
 def test_login_rejects_huge_body(client: TestClient) -> None:
@@ -3207,6 +3234,37 @@ def test_behind_a_root_path_status_and_oauth2_errors_still_line_up(tmp_path: Pat
         wrong = httpx2.post(f"{base}/token", json={"username": "jane_doe", "password": "wrong"})
     assert status["endpoints"]["/users/me"]["remaining"] == 1
     assert wrong.json() == oauth2_error("Incorrect username or password", "invalid_grant")
+
+
+def test_browsers_get_no_cors_answers_by_default(client: TestClient) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    r = client.options("/token", headers=preflight)
+    assert r.status_code == 405, r.text
+    assert not [name for name in r.headers if name.startswith("access-control-")]
+
+
+def test_a_browser_app_on_an_allowed_origin_can_log_in_and_read_the_limits(tmp_path: Path) -> None:
+    """A preflight and a login as a browser sends them, from an origin CORS_ALLOW_ORIGINS lists;
+    another origin's preflight is refused."""
+    env = {
+        **environment_without_settings(),
+        "CORS_ALLOW_ORIGINS": "https://app.example, http://localhost:5173",
+    }
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    with uvicorn_app(env, folder=tmp_path) as base:
+        allowed = httpx2.options(f"{base}/token", headers={"Origin": "https://app.example", **preflight})
+        other = httpx2.options(f"{base}/token", headers={"Origin": "https://evil.example", **preflight})
+        body = {"username": "jane_doe", "password": PASSWORDS["jane_doe"]}
+        login = httpx2.post(f"{base}/token", json=body, headers={"Origin": "http://localhost:5173"})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert allowed.headers["access-control-allow-methods"] == "GET, POST"
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert (other.status_code, other.text) == (400, "Disallowed CORS origin")
+    assert login.status_code == 200, login.text
+    assert login.headers["access-control-allow-origin"] == "http://localhost:5173"
+    exposed = {name.strip().lower() for name in login.headers["access-control-expose-headers"].split(",")}
+    assert {"retry-after", "x-ratelimit-remaining", "ratelimit", "www-authenticate"} <= exposed
 
 
 def test_uvicorn_slows_guesses_from_forwarded_addresses_but_not_the_owner(tmp_path: Path) -> None:
