@@ -9,9 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer: editing main.py does not reinstall them.
+# Dependencies first, in their own layer: editing main.py does not reinstall them. The app's only:
+# requirements.txt lists them up to its first blank line, and the test tools after it.
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt \
+RUN sed '/^$/q' requirements.txt > app-requirements.txt \
+    && pip install --no-cache-dir -r app-requirements.txt \
+    && rm app-requirements.txt \
     && useradd --create-home --uid 10001 app
 
 COPY main.py .

@@ -1,8 +1,10 @@
 """Tests for main.py, in the order of the README's walkthrough: log in, call, hit the limit,
 refresh, log out. They run on the embedded fake Redis, or on a real one when REDIS_URI is set."""
 
+import ast
 import asyncio
 import gc
+import importlib.metadata
 import itertools
 import json
 import logging
@@ -2477,6 +2479,43 @@ def test_openapi_documents_every_response(
     operation = client.get("/openapi.json").json()["paths"][path][method]
     assert operation["summary"]
     assert set(operation["responses"]) == codes
+
+
+# --- Packaging: the image and the settings files ---
+
+
+def requirement_names(lines: list[str]) -> set[str]:
+    return {re.split(r"[\[=<>]", line)[0].lower() for line in lines if line and not line.startswith("#")}
+
+
+def test_the_image_installs_the_apps_requirements_and_no_test_tool() -> None:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    blank = lines.index("")  # where the Dockerfile's `sed '/^$/q'` stops
+    app, tests = requirement_names(lines[:blank]), requirement_names(lines[blank + 1 :])
+    assert "sed '/^$/q' requirements.txt > app-requirements.txt" in (HERE / "Dockerfile").read_text()
+    assert tests == {"authlib", "httpx2", "pytest", "pytest-cov"}
+    # Every package main.py imports is in the app's block.
+    tree = ast.parse((HERE / "main.py").read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    distributions = importlib.metadata.packages_distributions()
+    imported = {
+        distributions[module.split(".")[0]][0].lower()
+        for module in modules
+        if module.split(".")[0] in distributions
+    }
+    assert imported and imported <= app
+
+
+def test_compose_and_env_example_name_every_setting_and_compose_restates_no_default() -> None:
+    variables = {name.upper() for name in main.Settings.model_fields}
+    passed = dict(re.findall(r"^      ([A-Z_]+): (.*)$", (HERE / "compose.yaml").read_text(), flags=re.M))
+    assert variables <= set(passed)
+    assert {name: passed[name] for name in variables - {"REDIS_URI", "SECRET_KEY"}} == {
+        name: f"${{{name}:-}}" for name in variables - {"REDIS_URI", "SECRET_KEY"}
+    }
+    example = re.findall(r"^([A-Z_]+)=", (HERE / ".env.example").read_text(), flags=re.M)
+    assert variables <= set(example)
 
 
 # --- Sentinel and Cluster ---
