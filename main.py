@@ -591,15 +591,18 @@ async def start_session(refresh: TokenClaims) -> None:
         await pipe.execute()
 
 
+# ~~~ Skip on a first read: successor_jtis(), the same new ids on every retry ~~~
+# The jtis of the pair a refresh with a given token mints, from that token's jti: a keyed hash
+# (HMAC), so that no one who sees a jti (the logs show some) can work out the next.
 def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
-    """The jtis of the pair a refresh with `presented` mints: the same on every retry. Keyed, so
-    that no one who sees a jti (the logs show some) can work out the next."""
-
     def derived(kind: TokenType) -> str:
         digest = hmac.digest(SECRET_KEY.encode(), f"{kind} after {presented.jti}".encode(), "sha256")
         return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()  # as token_urlsafe(16)
 
     return derived("access"), derived("refresh")
+
+
+# ~~~ end ~~~
 
 
 # Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
