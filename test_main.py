@@ -454,6 +454,8 @@ def test_dotenv_refusals_name_the_variable(bare_environment: Path) -> None:
             "must list origins like https://app.example.com",
         ),
         ({"cors_allow_origins": "ftp://app.example"}, "must list origins like https://app.example.com"),
+        ({"cors_allow_origins": "https://app.example?x=1"}, "must list origins like https://app.example.com"),
+        ({"cors_allow_origins": "https://app.example#top"}, "must list origins like https://app.example.com"),
         ({"login_backoff_after": "0"}, "greater than or equal to 1"),
         ({"login_backoff_max_seconds": "0"}, "greater than or equal to 1"),
         ({"refresh_grace_seconds": "-1"}, "greater than or equal to 0"),
@@ -521,6 +523,18 @@ def test_a_key_of_exactly_ten_distinct_characters_is_accepted() -> None:
 def test_settings_accept_redis_uris_with_their_key(uri: str) -> None:
     settings = main.Settings.model_validate({"redis_uri": uri, "secret_key": GOOD_SECRET})
     assert settings.redis_uri == uri
+
+
+@pytest.mark.parametrize(
+    ("value", "origins"),
+    [
+        (" https://app.example ,http://localhost:5173 ", "https://app.example,http://localhost:5173"),
+        ("*", "*"),
+    ],
+)
+@pytest.mark.usefixtures("bare_environment")
+def test_cors_origins_are_read_as_a_comma_separated_list(value: str, origins: str) -> None:
+    assert main.Settings(cors_allow_origins=value).cors_allow_origins == origins
 
 
 @pytest.mark.parametrize(
@@ -767,6 +781,15 @@ def login_from(client: TestClient, address: str, username: str = "jane_doe", pas
 
 def answer(r: Any) -> tuple[int, Any, str | None]:
     return r.status_code, r.json(), r.headers.get("retry-after")
+
+
+def test_an_attempt_at_the_announced_moment_is_let_through(
+    proxied_client: TestClient, stopped_clock: FakeClock
+) -> None:
+    for attacker in ATTACKERS[:5]:  # the fifth sets a wait of 1 s from now
+        login_from(proxied_client, attacker)
+    stopped_clock.now += 1
+    assert answer(login_from(proxied_client, ATTACKERS[5])) == (400, WRONG_PASSWORD, None)
 
 
 def test_guesses_from_fifty_addresses_wait_twice_as_long_each_time(
@@ -1402,6 +1425,16 @@ def test_a_session_recorded_before_retries_had_grace_still_refreshes(client: Tes
     r = client.post("/refresh", json={"refresh_token": tokens["refresh_token"]})
     assert (status, r.status_code) == ({"revoked": False, "expired": False}, 200)
     assert session_records(client)[key.encode()][b"previous"] == claims.jti.encode()
+
+
+def test_asking_about_a_refresh_token_does_not_use_it_up(
+    client: TestClient, stopped_clock: FakeClock
+) -> None:
+    refresh_token = login(client)["refresh_token"]
+    assert client.post("/introspect", data={"token": refresh_token}).json()["active"] is True
+    assert client.get("/is_token_revoked", params={"token": refresh_token}).json()["revoked"] is False
+    stopped_clock.now += main.REFRESH_GRACE_SECONDS  # past any grace a use would have started
+    assert client.post("/refresh", json={"refresh_token": refresh_token}).status_code == 200
 
 
 def test_token_status_and_introspection_agree_with_a_refresh(
