@@ -606,25 +606,28 @@ def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
 
 
 # Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
-# runs a Lua script atomically. KEYS and ARGV are its arguments; a field that is not there reads
-# as false; EXPIREAT sets the expiry as an epoch second. With ARGV[6] "peek" it only answers.
+# runs a Lua script atomically. KEYS and ARGV are its arguments (named on its first lines, in the
+# order rotate_refresh_token() passes them); a field that is not there reads as false; EXPIREAT
+# sets the expiry as an epoch second. With `peek`, it only answers (for section 4's is_revoked()).
 ROTATE_REFRESH_TOKEN = store.register_script(
     """
+    local record = KEYS[1]
+    local presented, successor, now, successor_exp, grace, peek = unpack(ARGV)
     local jti, previous, rotated_at
-    if redis.call('TYPE', KEYS[1]).ok == 'string' then  -- written before retries had grace
-        jti = redis.call('GET', KEYS[1])
+    if redis.call('TYPE', record).ok == 'string' then  -- written before retries had grace
+        jti = redis.call('GET', record)
     else
-        jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
+        jti, previous, rotated_at = unpack(redis.call('HMGET', record, 'jti', 'previous', 'rotated_at'))
     end
-    if jti == ARGV[1] then  -- the valid one: swap it, and remember when
-        if ARGV[6] == 'peek' then return ARGV[3] end
-        redis.call('DEL', KEYS[1])
-        redis.call('HSET', KEYS[1], 'jti', ARGV[2], 'previous', ARGV[1], 'rotated_at', ARGV[3])
-        redis.call('EXPIREAT', KEYS[1], ARGV[4])
-        return ARGV[3]
+    if jti == presented then  -- the valid one: swap it, and remember when
+        if peek == 'peek' then return now end
+        redis.call('DEL', record)
+        redis.call('HSET', record, 'jti', successor, 'previous', presented, 'rotated_at', now)
+        redis.call('EXPIREAT', record, successor_exp)
+        return now
     end
-    local grace = tonumber(ARGV[5])
-    if grace > 0 and previous == ARGV[1] and tonumber(ARGV[3]) < tonumber(rotated_at) + grace then
+    grace = tonumber(grace)
+    if grace > 0 and previous == presented and tonumber(now) < tonumber(rotated_at) + grace then
         return rotated_at  -- a retry within the grace: the same swap
     end
     return false  -- used up, or the session is gone
@@ -807,7 +810,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # checks when the endpoint is called: after every dependency has run, so a key function can read
 # what a dependency found (the user, the login's username), and a 401 or 403 costs no quota. Its
 # checks are synchronous, and a synchronous Redis call would stop the event loop for every other
-# request; the storage below makes them wait on the loop instead.
+# request; the storage below makes them wait on the loop instead. SlowAPI's docs use
+# storage_uri="redis://...": it counts the same, but blocks the loop on each count. Read the fenced
+# storage and PortalRoute (set on the app below) as a black box that removes that block.
 
 # ~~~ Skip on a first read: the storage SlowAPI counts with, awaited on the event loop ~~~
 # SlowAPI builds it from storage_uri="async-bridge://". It runs `limits`' own moving-window scripts
@@ -1097,16 +1102,17 @@ def login_keys(username: str, ip: str) -> list[str]:
 # all start before the first failure is known. Times go in and out as %.17g text: exact doubles.
 BEGIN_LOGIN = store.register_script(
     """
+    local account, known_address = KEYS[1], KEYS[2]
     local now, after, longest = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-    if redis.call('EXISTS', KEYS[2]) == 1 then return '0' end  -- an address it logged in from
-    local wait_until = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+    if redis.call('EXISTS', known_address) == 1 then return '0' end
+    local wait_until = tonumber(redis.call('HGET', account, 'until') or '0')
     if now < wait_until then return string.format('%.17g', wait_until) end
-    local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+    local failures = redis.call('HINCRBY', account, 'failures', 1)
     if failures >= after then
         wait_until = now + math.min(2 ^ (failures - after), longest)
-        redis.call('HSET', KEYS[1], 'until', string.format('%.17g', wait_until))
+        redis.call('HSET', account, 'until', string.format('%.17g', wait_until))
     end
-    redis.call('EXPIREAT', KEYS[1], math.ceil(math.max(wait_until, now) + longest))
+    redis.call('EXPIREAT', account, math.ceil(math.max(wait_until, now) + longest))
     return '0'
     """
 )
