@@ -1,6 +1,6 @@
 """JWT login, refresh-token rotation, revocation on Redis and per-plan SlowAPI limits, in one file.
 
-First read (about an hour, after FastAPI's security tutorial): Part 1, the numbered sections, in
+First read (an hour or a little more, after FastAPI's tutorial): Part 1, the numbered sections, in
 story order: 1. log in, 2. access and refresh tokens, 3. rotation with reuse detection, 4. logout
 and revocation, 5. the cleanup task, 6. per-plan limits with SlowAPI, then the endpoints. Skip
 every block between `# ~~~ Skip on a first read` and `# ~~~ end` lines: its first lines say all
@@ -594,12 +594,14 @@ async def start_session(refresh: TokenClaims) -> None:
 # ~~~ Skip on a first read: successor_jtis(), the same new ids on every retry ~~~
 # The jtis of the pair a refresh with a given token mints, from that token's jti: a keyed hash
 # (HMAC), so that no one who sees a jti (the logs show some) can work out the next.
-def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
-    def derived(kind: TokenType) -> str:
-        digest = hmac.digest(SECRET_KEY.encode(), f"{kind} after {presented.jti}".encode(), "sha256")
-        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()  # as token_urlsafe(16)
+def keyed_id(text: str) -> str:
+    """22 URL-safe characters, as secrets.token_urlsafe(16), that only SECRET_KEY's holder can derive."""
+    digest = hmac.digest(SECRET_KEY.encode(), text.encode(), "sha256")
+    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
 
-    return derived("access"), derived("refresh")
+
+def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
+    return keyed_id(f"access after {presented.jti}"), keyed_id(f"refresh after {presented.jti}")
 
 
 # ~~~ end ~~~
@@ -1093,8 +1095,7 @@ def login_keys(username: str, ip: str) -> list[str]:
     """The username's failure count, and this address's mark of a past login with it. The part in
     braces (a hash tag) puts both keys in one cluster slot; a keyed hash of the username, because a
     tag cannot hold braces, and so that a million usernames tried leave keys of one short length."""
-    digest = hmac.digest(SECRET_KEY.encode(), f"login {username}".encode(), "sha256")
-    account = f"login:{{{base64.urlsafe_b64encode(digest[:16]).rstrip(b'=').decode()}}}"
+    account = f"login:{{{keyed_id(f'login {username}')}}}"  # keyed_id(): section 3
     return [account, f"{account}:{ip}"]
 
 
@@ -1175,14 +1176,15 @@ async def login_for_access_token(
     per client IP and per IP + username, a refresh per client IP."""
     if isinstance(grant, RefreshGrant):
         return await refresh_session(grant.refresh_token)
-    await refuse_during_backoff(grant.username, client_ip(request))  # just above
+    ip = client_ip(request)
+    await refuse_during_backoff(grant.username, ip)  # just above
     user = await authenticate_user(grant.username, grant.password)
     if user is None:
         # Only a known name: an unknown one may be a password typed into the wrong field.
         known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
         client_log.warning("failed login for %s", known)
         raise refused_grant("Incorrect username or password")  # not the tutorial's 401: see refused_grant()
-    await login_succeeded(user.username, client_ip(request))
+    await login_succeeded(user.username, ip)
     token, refresh_claims = mint_token_pair(user.username, secrets.token_urlsafe(16), time.time())
     await start_session(refresh_claims)
     return token
@@ -1527,7 +1529,6 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 # Off unless CORS_ALLOW_ORIGINS lists origins. Then Starlette's middleware, outermost, answers
 # their preflights (OPTIONS) and lets their scripts read the answers, the rate-limit headers and
 # Retry-After included. Tokens travel in headers and bodies, never cookies: no credentials mode.
-RATE_LIMIT_HEADERS = ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
 if settings.cors_allow_origins:
     app.add_middleware(
         CORSMiddleware,
@@ -1535,7 +1536,9 @@ if settings.cors_allow_origins:
         allow_methods=["GET", "POST"],
         allow_headers=["Authorization", "Content-Type"],
         expose_headers=[
-            *RATE_LIMIT_HEADERS,
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
             "RateLimit",
             "RateLimit-Policy",
             "Retry-After",
