@@ -460,12 +460,14 @@ def decode_token(token: str, *, allow_expired: bool = False) -> TokenClaims:
 
 
 def bearer_error(detail: str) -> HTTPException:
-    """The tutorial's credentials_exception: a 401 whose challenge tells the client, per RFC 6750,
-    that the token it sent was the problem."""
+    """The tutorial's credentials_exception: a 401 whose challenge (RFC 6750) blames the token."""
     challenge = 'Bearer error="invalid_token"'
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": challenge})
 
 
+# ~~~ Skip on a first read: refused_grant(detail), how /token and /refresh say no ~~~
+# A 400 with RFC 6749's "invalid_grant" and no challenge, where the tutorial sends a 401 with one:
+# strict OAuth2 clients take a 401 with WWW-Authenticate for a challenge, and never read the error.
 class OAuth2Error(HTTPException):
     """An error of the OAuth2 endpoints with its RFC 6749 `error` code (Part 2 puts it in the body)."""
 
@@ -475,11 +477,10 @@ class OAuth2Error(HTTPException):
 
 
 def refused_grant(detail: str) -> OAuth2Error:
-    """How /token and /refresh refuse a password or a refresh token: RFC 6749 §5.2's 400
-    "invalid_grant", with no challenge. FastAPI's tutorial answers a wrong password with a 401 and
-    WWW-Authenticate, but a challenge is for the API's own endpoints (RFC 6750): strict OAuth2
-    clients take a 401 with one for a challenge, and never read the error."""
     return OAuth2Error(status.HTTP_400_BAD_REQUEST, "invalid_grant", detail)
+
+
+# ~~~ end ~~~
 
 
 def verify_token(
@@ -562,19 +563,16 @@ store = redis_client(settings.redis_uri) if settings.redis_uri else embedded_sto
 # --- 3. Refresh-token rotation with reuse detection ---
 
 # A refresh token lives for days, so a stolen one would be good for days. Rotation makes each one
-# work once: the store keeps, per session, the jti of its one valid refresh token (a hash at
-# "refresh:<sid>", expiring with it), and a refresh swaps it for the successor's. A refresh token
-# presented again after its swap means two parties hold it (a thief and the owner, in some order):
-# the app cannot tell which is which, so it revokes the whole session, and the owner logs in again.
+# work once: per session, the store keeps the jti of its one valid refresh token (a hash at
+# "refresh:<sid>", expiring with it), and a refresh swaps it for the successor's. A used-up token
+# presented again means two parties hold it (a thief and the owner, in some order): the app cannot
+# tell which is which, so it revokes the whole session, and the owner logs in again.
 #
-# Except just after the swap. A client whose response was lost, or two tabs refreshing at once,
-# send the same token again a moment later: for REFRESH_GRACE_SECONDS after its swap, the token
-# just swapped out gets the same pair again, so the session stays one chain. The store keeps no
-# token to hand back (a leaked store must not leak sessions); the app mints the pair again, alike
-# to the byte: its jtis come from the presented jti (successor_jtis()), its times from the moment
-# of the swap, kept in the record, and signing the same claims gives the same token. The price: a
-# thief who replays within the window gets what the owner got, and nothing more; whichever of the
-# two refreshes second, after the window, revokes the session.
+# Except just after the swap: a client whose response was lost, or two tabs refreshing at once,
+# send the same token a moment later. For REFRESH_GRACE_SECONDS, it gets the same pair again. The
+# store keeps no token to hand back: the app mints the pair again, alike to the byte, from the
+# presented jti (successor_jtis()) and the swap's moment. A thief who replays within the window
+# gets what the owner got, and nothing more.
 REFRESH_KEY_PREFIX = "refresh:"
 REFRESH_GRACE_SECONDS = settings.refresh_grace_seconds
 
@@ -672,17 +670,14 @@ async def refresh_session(refresh_token: str) -> Token:
 # A JWT is valid until its `exp`. To end one sooner, the app remembers it as revoked, and only
 # until that `exp`: after it, the signature check refuses the token anyway. Logout ends a session:
 # deleting its refresh record stops new tokens (section 3), and its access tokens, whose ids the
-# server never stored, are blocked by their shared `sid`, until the last of them has expired.
+# server never stored, are blocked by their shared `sid` until the last of them has expired.
 #
-# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? Both
-# cost about the same memory (~120 bytes an entry, measured at 100,000). A sorted set scores each
-# member: here, the epoch second after which nothing it blocks can be used. So one ZMSCORE (the
-# scores of several members, or nil) checks a token and its session at once; the entries and
-# their ends can be listed (ZRANGE revoked:0 0 -1 WITHSCORES); and revoking again can only raise
-# an end (ZADD GT). The price: Redis cannot expire a member, so a task deletes those whose score
-# has passed (section 5). A session's entries and its access tokens' share a set, chosen by its
-# sid; there are several so that a cluster spreads them over its nodes. Changing the number
-# strands entries where they are no longer looked for.
+# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? A
+# sorted set scores each member, here with the epoch second after which nothing it blocks can be
+# used: one ZMSCORE checks a token and its session at once, and revoking again can only raise an
+# end (ZADD GT). Memory is the same (~120 bytes an entry). The price: Redis cannot expire a member,
+# so a task deletes those whose score has passed (section 5). There are REVOKED_SETS sets, chosen
+# by sid, so that a cluster spreads them over its nodes (changing the number strands entries).
 REVOKED_KEY_PREFIX = "revoked:"
 REVOKED_SETS = 16
 
@@ -694,13 +689,6 @@ def revoked_key(session_id: str) -> str:
 # An access token of a session being revoked may have been minted a little after `now`: by a
 # refresh that raced the logout, or on a worker whose clock runs ahead. The entry outlives them.
 REVOCATION_MARGIN = 60
-
-
-async def revoke_access_token(claims: TokenClaims) -> None:
-    """/revoke (Part 2) revokes one access token: an entry of its own jti, until its exp."""
-    async with store.pipeline(transaction=False) as pipe:
-        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp})  # its own exp: no longer, no shorter
-        await durably(pipe)  # Part 2
 
 
 async def revoke_session(session_id: str, now: float) -> None:
@@ -918,15 +906,14 @@ class PortalRoute(APIRoute):
 # ~~~ end ~~~
 
 
+# ~~~ Skip on a first read: client_ip(request), whom the per-IP limits count ~~~
+# The client's IP address (SlowAPI's get_remote_address(), but an IPv6 /64, what one host is
+# usually given, counts as one client; anything unparsable, as one client, UNKNOWN_CLIENT).
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
 UNKNOWN_CLIENT = "unknown"
 
 
 def client_ip(request: Request) -> str:
-    """Whom the per-IP limits count: the client's IP address, an IPv6 /64 (what one host is usually
-    given) as one client, and anything else (a bad X-Forwarded-For) as one client, "unknown"."""
     try:
         address = ipaddress.ip_address(request.client.host if request.client else "")
     except ValueError:
@@ -938,6 +925,9 @@ def client_ip(request: Request) -> str:
             return str(address.ipv4_mapped or ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         return str(ipaddress.ip_network((address, 64), strict=False))
     return str(address)
+
+
+# ~~~ end ~~~
 
 
 # The default key is the client's IP; the plan limits pass key_func=caller_username.
@@ -980,11 +970,12 @@ app.state.limiter = limiter
 app.router.route_class = PortalRoute  # lets SlowAPI's checks wait for Redis on the loop (section 6)
 
 
-# ~~~ Skip on a first read: request bodies and what /docs shows of errors ~~~
-# The token endpoints take JSON (what curl sends here) or a form (what OAuth2 clients send), read
-# by request_fields() and parsed() (Part 2) into these grant models, or answered with a 400, 415
-# or 422 (OAuth2Error, section 2, for an unsupported grant_type).
-# error_responses() lists the error bodies an endpoint can send, for /docs.
+# ~~~ Skip on a first read: request bodies, and what /docs shows of errors ~~~
+# The token endpoints take JSON (what curl sends here) or a form (what OAuth2 clients send).
+# token_grant() gives /token a PasswordGrant (username, password) or a RefreshGrant
+# (refresh_token), and keeps it in request.state.grant for the login limit's key functions below;
+# refresh_grant() gives /refresh a RefreshGrant. A bad body gets a 400, 415 or 422.
+# error_responses() and request_body() describe an endpoint's errors and body for /docs.
 class PasswordGrant(BaseModel):
     """RFC 6749 §4.3: log in with a username and password."""
 
@@ -1014,10 +1005,6 @@ class RefreshGrant(BaseModel):
 
 async def refresh_grant(request: Request) -> RefreshGrant:
     return parsed(RefreshGrant, await request_fields(request))
-
-
-class MessageOut(BaseModel):
-    message: str
 
 
 class ErrorOut(BaseModel):
@@ -1053,9 +1040,6 @@ def request_body(*models: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
-# ~~~ end ~~~
-
-
 async def token_grant(request: Request) -> PasswordGrant | RefreshGrant:
     """The grant a /token request carries: a password grant unless it names refresh_token."""
     fields = await request_fields(request)
@@ -1065,8 +1049,11 @@ async def token_grant(request: Request) -> PasswordGrant | RefreshGrant:
         raise OAuth2Error(status.HTTP_400_BAD_REQUEST, "unsupported_grant_type", detail)
     grant: PasswordGrant | RefreshGrant
     grant = parsed(RefreshGrant, fields) if grant_type == "refresh_token" else parsed(PasswordGrant, fields)
-    request.state.grant = grant  # read by ip_and_username() and is_refresh_grant(), just below
+    request.state.grant = grant  # read by ip_and_username() and is_refresh_grant(), below
     return grant
+
+
+# ~~~ end ~~~
 
 
 def ip_and_username(request: Request) -> str:
@@ -1203,6 +1190,10 @@ async def refresh(request: Request, grant: Annotated[RefreshGrant, Depends(refre
     return await refresh_session(grant.refresh_token)
 
 
+class MessageOut(BaseModel):
+    message: str
+
+
 @app.post(
     "/logout", summary="Log out: revoke every token of this session", responses=error_responses(401, 503)
 )
@@ -1266,26 +1257,11 @@ async def premium_only(request: Request, current_user: CurrentUser) -> MessageOu
     return MessageOut(message=f"Welcome to the premium area, {current_user.username}")
 
 
-# --- Endpoints: health ---
-
-
-class HealthOut(BaseModel):
-    status: Literal["ok"]
-    store: Literal["redis", "embedded"]
-
-
-@app.get("/health", summary="Liveness and store reachability", responses=error_responses(503))
-async def health() -> HealthOut:
-    """200 when the store answers, 503 when it does not. Never rate-limited."""
-    await store.ping()
-    return HealthOut(status="ok", store="redis" if settings.redis_uri else "embedded")
-
-
 # ================================ Part 2: machinery ================================
 # Skip all of it on a first read. What it does, in order: reads request bodies (JSON or form);
 # builds every error response (the 429, the 503, OAuth2's fields); writes the rate-limit headers;
-# limits body size; the OAuth2 endpoints /revoke, /introspect and server metadata, with
-# /is_token_revoked and /rate-limit-status; replicated writes; closing the store; safe logs.
+# limits body size; CORS; the OAuth2 endpoints /revoke, /introspect and server metadata, with
+# /is_token_revoked, /rate-limit-status and /health; replicated writes; closing the store; safe logs.
 
 
 # --- Request bodies: JSON or an OAuth2 form ---
@@ -1529,21 +1505,14 @@ app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 # Off unless CORS_ALLOW_ORIGINS lists origins. Then Starlette's middleware, outermost, answers
 # their preflights (OPTIONS) and lets their scripts read the answers, the rate-limit headers and
 # Retry-After included. Tokens travel in headers and bodies, never cookies: no credentials mode.
+RATE_LIMIT_HEADERS = "X-RateLimit-Limit X-RateLimit-Remaining X-RateLimit-Reset RateLimit RateLimit-Policy"
 if settings.cors_allow_origins:
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins.split(","),
         allow_methods=["GET", "POST"],
         allow_headers=["Authorization", "Content-Type"],
-        expose_headers=[
-            "X-RateLimit-Limit",
-            "X-RateLimit-Remaining",
-            "X-RateLimit-Reset",
-            "RateLimit",
-            "RateLimit-Policy",
-            "Retry-After",
-            "WWW-Authenticate",
-        ],
+        expose_headers=[*RATE_LIMIT_HEADERS.split(), "Retry-After", "WWW-Authenticate"],
         max_age=600,
     )
 
@@ -1600,6 +1569,13 @@ class ServerMetadata(BaseModel):
     introspection_endpoint_auth_methods_supported: list[str]
 
 
+async def revoke_access_token(claims: TokenClaims) -> None:
+    """One access token, not its session: an entry of its own jti (section 4), until its exp."""
+    async with store.pipeline(transaction=False) as pipe:
+        pipe.zadd(revoked_key(claims.sid), {claims.jti: claims.exp})  # its own exp: no longer, no shorter
+        await durably(pipe)
+
+
 @app.post(
     "/revoke",
     summary="Revoke a token you hold (RFC 7009)",
@@ -1641,15 +1617,10 @@ async def introspect(request: Request, body: PresentedToken) -> Introspection:
         return Introspection(active=False)
     if claims.sub not in USERS or await is_revoked(claims):
         return Introspection(active=False)
+    token_type: Literal["Bearer"] | None = "Bearer" if claims.type == "access" else None
+    claimed = claims.model_dump(include={"sub", "exp", "iat", "jti"})
     return Introspection(
-        active=True,
-        token_type="Bearer" if claims.type == "access" else None,
-        token_use=claims.type,
-        sub=claims.sub,
-        username=claims.sub,
-        exp=claims.exp,
-        iat=claims.iat,
-        jti=claims.jti,
+        active=True, token_type=token_type, token_use=claims.type, username=claims.sub, **claimed
     )
 
 
@@ -1674,7 +1645,7 @@ async def server_metadata(request: Request) -> ServerMetadata:
     )
 
 
-# --- Token status and limit status ---
+# --- Token status, limit status and health ---
 
 
 class TokenStatus(BaseModel):
@@ -1716,15 +1687,9 @@ class RateLimitStatus(BaseModel):
 @functools.cache
 def plan_limited_paths(plan: Plan) -> tuple[str, ...]:
     """The routes tagged PLAN_LIMITED, less those this plan can only get a 403 from, by path."""
-    return tuple(
-        sorted(
-            route.path
-            for route in app.routes
-            if isinstance(route, APIRoute)
-            and PLAN_LIMITED in route.tags
-            and not (plan is Plan.FREE and any(d.dependency is require_premium for d in route.dependencies))
-        )
-    )
+    routes = [route for route in app.routes if isinstance(route, APIRoute) and PLAN_LIMITED in route.tags]
+    premium = [route for route in routes if any(d.dependency is require_premium for d in route.dependencies)]
+    return tuple(sorted(route.path for route in routes if plan is not Plan.FREE or route not in premium))
 
 
 @app.get(
@@ -1740,14 +1705,22 @@ async def rate_limit_status(request: Request, user: CurrentUser) -> RateLimitSta
     keys = [limit.key_for(user.username, counted_at + path) for path in paths]
     windows = await asyncio.gather(*(read_window(key, limit.amount, limit.get_expiry()) for key in keys))
     endpoints = {
-        path: EndpointLimit(
-            limit=window.limit,
-            remaining=window.remaining,
-            reset=first_second_with_room(window.reset),
-        )
-        for path, window in zip(paths, windows, strict=True)
+        path: EndpointLimit(limit=w.limit, remaining=w.remaining, reset=first_second_with_room(w.reset))
+        for path, w in zip(paths, windows, strict=True)
     }
     return RateLimitStatus(plan=user.plan, endpoints=endpoints)
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    store: Literal["redis", "embedded"]
+
+
+@app.get("/health", summary="Liveness and store reachability", responses=error_responses(503))
+async def health() -> HealthOut:
+    """200 when the store answers, 503 when it does not. Never rate-limited."""
+    await store.ping()
+    return HealthOut(status="ok", store="redis" if settings.redis_uri else "embedded")
 
 
 # --- Writes that survive a failover; closing the store ---
@@ -1798,11 +1771,8 @@ async def refuse_other_token_lifetimes() -> None:
         return
     if recorded is not None and int(recorded) != ACCESS_TOKEN_LIFETIME:
         await close_store()  # the app stops here: leave no connection behind for the next loop
-        minutes = int(recorded) // 60
-        problem = (
-            f"is {ACCESS_TOKEN_LIFETIME // 60}, but apps on this Redis use {minutes} (key {LIFETIME_KEY})"
-        )
-        raise RuntimeError(f"{REFUSAL}\n  ACCESS_TOKEN_EXPIRE_MINUTES: {problem}")
+        problem = f"is {ACCESS_TOKEN_LIFETIME // 60}, but apps on this Redis use {int(recorded) // 60}"
+        raise RuntimeError(f"{REFUSAL}\n  ACCESS_TOKEN_EXPIRE_MINUTES: {problem} (key {LIFETIME_KEY})")
 
 
 async def close_store() -> None:
