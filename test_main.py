@@ -3319,10 +3319,11 @@ CHANGING_HEADERS = {"x-ratelimit-reset", "ratelimit", "retry-after"}  # compared
 CHANGING_FIELDS = {"access_token", "refresh_token", "exp", "iat", "jti", "reset"}  # compared by type
 
 
-def walkthrough_steps() -> list[tuple[str, str]]:
-    """The README walkthrough's commands (```sh blocks), each with the output block after it."""
-    readme = (HERE / "README.md").read_text()
-    section = readme.split("\n## Walkthrough with curl\n")[1].split("\n## ")[0]
+def walkthrough_steps(file: str, heading: str) -> list[tuple[str, str]]:
+    """The commands (```sh blocks) of the section under `## <heading>` in `file`, each with the
+    output block after it."""
+    document = (HERE / file).read_text()
+    section = document.split(f"\n## {heading}\n")[1].split("\n## ")[0]
     blocks = re.findall(r"^```(\w*)\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
     return [
         (text, following if following_kind in ("", "json") else "")
@@ -3372,11 +3373,9 @@ def assert_output_as_shown(shown: str, printed: str) -> None:
         assert_same_json(shown_body, body)
 
 
-def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
-    """Every command of the walkthrough, pasted in order into one shell, against a fresh app on
-    the embedded store with the default settings; each output must match the README's."""
-    steps = walkthrough_steps()
-    assert len(steps) >= 10
+def assert_runs_as_written(tmp_path: Path, steps: list[tuple[str, str]]) -> None:
+    """Every command of `steps`, pasted in order into one shell, against a fresh app on the
+    embedded store with the default settings; each output must match the one shown."""
     separator = "--- next step ---"
     script = "".join(f"{command}echo '{separator}'\n" for command, _ in steps)
     with default_app(tmp_path) as base:
@@ -3396,6 +3395,19 @@ def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
             assert_output_as_shown(shown, output)
         except AssertionError as error:
             raise AssertionError(f"step {number}:\n{command}\nprinted:\n{output}\n{error}") from None
+
+
+def test_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    steps = walkthrough_steps("README.md", "Walkthrough with curl")
+    assert len(steps) >= 8
+    assert_runs_as_written(tmp_path, steps)
+
+
+def test_docs_clients_curl_section_runs_as_written(tmp_path: Path) -> None:
+    # It starts on its own: `field` and a login come first, so it can be pasted against a fresh app.
+    steps = walkthrough_steps("docs/clients.md", "The standard OAuth2 endpoints with curl")
+    assert len(steps) >= 3 and steps[0][0].startswith("field() {")
+    assert_runs_as_written(tmp_path, steps)
 
 
 # --- uvicorn in front: a proxy's root path, and the README's command under hostile connections ---
