@@ -604,17 +604,18 @@ def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
 # ~~~ end ~~~
 
 
-# Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
-# runs a Lua script atomically. KEYS and ARGV are its arguments (named on its first lines, in the
-# order rotate_refresh_token() passes them); a field that is not there reads as false; EXPIREAT
-# sets the expiry as an epoch second. With `peek`, it only answers (for section 4's is_revoked()).
+# Compare-and-set in one step, so two requests can never both rotate the same refresh token. Redis
+# runs a Lua script atomically: KEYS holds the keys it touches, ARGV its other arguments, as text
+# (both named on its first lines); redis.call() runs a command; a missing hash field reads as
+# false. It answers the moment to mint the successor pair at: now for a swap, the first swap's
+# moment for a retry (so the same pair comes out), or false. `peek`: answer, change nothing.
 ROTATE_REFRESH_TOKEN = store.register_script(
     """
     local record = KEYS[1]
     local presented, successor, now, successor_exp, grace, peek = unpack(ARGV)
     local jti, previous, rotated_at
-    if redis.call('TYPE', record).ok == 'string' then  -- written before retries had grace
-        jti = redis.call('GET', record)
+    if redis.call('TYPE', record).ok == 'string' then
+        jti = redis.call('GET', record)  -- an upgrade path, skip it: a record from before the grace
     else
         jti, previous, rotated_at = unpack(redis.call('HMGET', record, 'jti', 'previous', 'rotated_at'))
     end
@@ -640,6 +641,7 @@ async def rotate_refresh_token(
     """When `presented` was swapped for its successor: now, if it was the valid refresh token; the
     swap's moment, for a retry within the grace; None if it is neither. `peek`: swap nothing."""
     exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
+    # repr(now): the exact float as text, so that a retry reads back the very same moment.
     args: list[str | int] = [presented.jti, successor_jti, repr(now), exat, REFRESH_GRACE_SECONDS]
     args.append("peek" if peek else "")
     rotated_at = await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args)
@@ -655,7 +657,7 @@ async def refresh_session(refresh_token: str) -> Token:
     jtis, now = successor_jtis(claims), time.time()
     rotated_at = await rotate_refresh_token(claims, jtis[1], now)
     if rotated_at is None:
-        await revoke_session(claims.sid, now)  # section 4
+        await revoke_session(claims.sid, now)  # section 4: blocks its tokens, deletes its record
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise refused_grant("Refresh token has been revoked")
@@ -673,10 +675,11 @@ async def refresh_session(refresh_token: str) -> Token:
 #
 # Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? A
 # sorted set scores each member, here with the epoch second after which nothing it blocks can be
-# used: one ZMSCORE checks a token and its session at once, and revoking again can only raise an
-# end (ZADD GT). Memory is the same (~120 bytes an entry). The price: Redis cannot expire a member,
-# so a task deletes those whose score has passed (section 5). There are REVOKED_SETS sets, chosen
-# by sid, so that a cluster spreads them over its nodes (changing the number strands entries).
+# used: one ZMSCORE checks a token and its session at once (an entry for one token comes from
+# /revoke, in Part 2), and revoking again can only raise an end (ZADD GT). Memory is the same
+# (~120 bytes an entry). The price: Redis cannot expire a member, so a task deletes those whose
+# score has passed (section 5). There are REVOKED_SETS sets, chosen by sid, so that a cluster
+# spreads them over its nodes (changing the number strands entries).
 REVOKED_KEY_PREFIX = "revoked:"
 REVOKED_SETS = 16
 
@@ -761,9 +764,7 @@ async def cleanup_revocations_forever(interval: float, stopping: asyncio.Event) 
         await asyncio.sleep(interval)
         try:
             removed = await remove_expired_revocations(time.time())
-        except STORE_ERRORS as exc:
-            # The store may be down for a while: try again next tick. (A cancellation inside a
-            # redis-py command can surface here as a ConnectionError; `stopping` ends the loop.)
+        except STORE_ERRORS as exc:  # the store may be down for a while: try again next tick
             logger.warning("revocation cleanup failed, retrying in %ss: %r", interval, exc)
             continue
         if removed:
@@ -776,14 +777,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning("REDIS_URI is not set: using an embedded in-process store (one process only)")
     if settings.secret_key is None:
         logger.warning("SECRET_KEY is not set: using a random key; tokens die with this process")
-    await warn_if_redis_may_evict()  # Part 2: two checks of the shared Redis
-    await refuse_other_token_lifetimes()
+    await warn_if_redis_may_evict()  # Part 2: a full Redis must refuse writes, not drop revocations
+    await refuse_other_token_lifetimes()  # Part 2: apps on one Redis must agree on token lifetimes
     stopping = asyncio.Event()
     cleanup = asyncio.create_task(cleanup_revocations_forever(settings.cleanup_interval_seconds, stopping))
     app.state.cleanup_task = cleanup  # where the tests find it
     try:
         yield
     finally:
+        # cancel() interrupts the task's sleep or store call; `stopping` ends its loop even where a
+        # redis-py command turns the cancellation into a ConnectionError, which the loop catches.
         stopping.set()
         cleanup.cancel()
         (outcome,) = await asyncio.gather(cleanup, return_exceptions=True)
@@ -835,7 +838,8 @@ class Window:
         return max(0, self.limit - self.hits)
 
 
-# Each request's windows, in the order SlowAPI counted them (Part 2 gives each request its own).
+# Each request's windows, in the order SlowAPI counted them. Set per request by RequestPlumbing
+# (Part 2), which writes their rate-limit headers; read also by the 429 handler (Part 2).
 windows_counted: ContextVar[list[Window]] = ContextVar("windows_counted")
 
 
@@ -943,8 +947,9 @@ def caller_username(request: Request) -> str:
 
 
 def plan_limit(key: str) -> str:
-    """SlowAPI calls this with the key above (it passes it to a parameter named `key`): the limit of
-    that user's plan, read on every call, so a plan change applies at once."""
+    """The caller's plan's limit, like "2/minute". SlowAPI takes a callable limit and, as this one's
+    parameter is named `key`, passes it the key function's value. Read on every call: a plan change
+    applies at once."""
     return PLAN_LIMITS[USERS[key].plan]
 
 
@@ -1145,6 +1150,7 @@ async def login_succeeded(username: str, ip: str) -> None:
 
 # SlowAPI checks stacked limits from the innermost decorator out, and stops at the first one
 # exceeded: the per-IP limit goes first, so a client it refuses creates no key per username tried.
+# exempt_when: SlowAPI skips a limit for a request when this returns True.
 @app.post(
     "/token",
     summary="Log in, or refresh: the OAuth2 token endpoint",
@@ -1171,7 +1177,8 @@ async def login_for_access_token(
         client_log.warning("failed login for %s", known)
         raise refused_grant("Incorrect username or password")  # not the tutorial's 401: see refused_grant()
     await login_succeeded(user.username, ip)
-    token, refresh_claims = mint_token_pair(user.username, secrets.token_urlsafe(16), time.time())
+    session_id = secrets.token_urlsafe(16)  # a new login, a new session: its `sid`
+    token, refresh_claims = mint_token_pair(user.username, session_id, time.time())
     await start_session(refresh_claims)
     return token
 
