@@ -802,18 +802,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 # checks when the endpoint is called: after every dependency has run, so a key function can read
 # what a dependency found (the user, the login's username), and a 401 or 403 costs no quota. Its
 # checks are synchronous, and a synchronous Redis call would stop the event loop for every other
-# request; the storage below makes them wait on the loop instead. SlowAPI's docs use
-# storage_uri="redis://...": it counts the same, but blocks the loop on each count. Read the fenced
-# storage and PortalRoute (set on the app below) as a black box that removes that block.
+# request. SlowAPI's docs use storage_uri="redis://...", which counts the same but blocks the loop
+# on each count; this app passes storage_uri="async-bridge://", the fenced storage below.
 
 # ~~~ Skip on a first read: the storage SlowAPI counts with, awaited on the event loop ~~~
-# SlowAPI builds it from storage_uri="async-bridge://". It runs `limits`' own moving-window scripts
-# on the app's async Redis client through greenback.await_(), which pauses SlowAPI's synchronous
-# code while the loop awaits Redis. That needs a greenback "portal" (the endpoint's coroutine run
-# inside a greenlet, to which the sync code can hand an awaitable): PortalRoute, set as the app's
-# route class, opens one around each endpoint SlowAPI limits. One thread, no blocking call. Each
-# count's window comes back in the same round trip, for the rate-limit headers. (`limits` finds
-# this class by its STORAGE_SCHEME, as it finds its own storages.)
+# Contract: SlowAPI counts as with storage_uri="redis://...", on the app's own Redis client,
+# without blocking the loop; a black box is enough on a first read. How: it runs `limits`' own
+# moving-window scripts through greenback.await_(), which pauses SlowAPI's synchronous code while
+# the loop awaits Redis. That needs a greenback "portal" (the endpoint's coroutine run inside a
+# greenlet, to which sync code can hand an awaitable): PortalRoute, the app's route class, opens
+# one around each endpoint SlowAPI limits. One thread, no blocking call. Each count's window comes
+# back in the same round trip, for the rate-limit headers. (`limits` finds this class by its
+# STORAGE_SCHEME, as it finds its own storages.)
 COUNT_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
 WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_WINDOW)
 LIMITS_KEY_PREFIX = "LIMITS:"  # what `limits`' own Redis storage puts before SlowAPI's keys
