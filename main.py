@@ -712,6 +712,7 @@ async def is_revoked(claims: TokenClaims) -> bool:
     if claims.type == "refresh":  # asked by /introspect and /is_token_revoked (Part 2)
         # As a refresh would find it (section 3): the valid one, or a retry within the grace.
         return await rotate_refresh_token(claims, "", time.time(), peek=True) is None
+    # ZMSCORE: the score of each member named, or None where it is not in the set.
     token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
 
@@ -752,6 +753,7 @@ CurrentUser = Annotated[User, Depends(get_current_user)]
 
 async def remove_expired_revocations(now: float) -> int:
     """Drop entries whose tokens have all expired, from every set; returns how many were removed."""
+    # ZREMRANGEBYSCORE deletes the members whose scores fall in a range.
     async with store.pipeline(transaction=False) as pipe:
         for n in range(REVOKED_SETS):
             pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")  # "(": below now
