@@ -588,9 +588,12 @@ async def start_session(refresh: TokenClaims) -> None:
         await pipe.execute()
 
 
-# ~~~ Skip on a first read: successor_jtis(), the same new ids on every retry ~~~
-# The jtis of the pair a refresh with a given token mints, from that token's jti: a keyed hash
-# (HMAC), so that no one who sees a jti (the logs show some) can work out the next.
+# ~~~ Skip on a first read: retries within the grace, and records from before it ~~~
+# successor_jtis(token): the jtis of the pair a refresh with `token` mints, the same on every retry.
+# refresh_minted_at(token, now): when a refresh with `token` would mint its pair, changing
+# nothing: now for the current token, the swap's moment for a retry within the grace, else None.
+# Both read a record written before retries had grace, the jti alone as a string: the swap starts
+# with UPGRADE_OLD_RECORD, which turns it into today's hash.
 def keyed_id(text: str) -> str:
     """22 URL-safe characters, as secrets.token_urlsafe(16), that only SECRET_KEY's holder can derive."""
     digest = hmac.digest(SECRET_KEY.encode(), text.encode(), "sha256")
@@ -598,54 +601,70 @@ def keyed_id(text: str) -> str:
 
 
 def successor_jtis(presented: TokenClaims) -> tuple[str, str]:
+    # A keyed hash (HMAC), so that no one who sees a jti (the logs show some) can work out the next.
     return keyed_id(f"access after {presented.jti}"), keyed_id(f"refresh after {presented.jti}")
+
+
+# Its expiry is kept; a swap that follows sets the successor's, and one that fails deletes it.
+UPGRADE_OLD_RECORD = """
+    if redis.call('TYPE', KEYS[1]).ok == 'string' then
+        local jti, ttl = redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])
+        redis.call('DEL', KEYS[1])
+        redis.call('HSET', KEYS[1], 'jti', jti)
+        if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+    end
+"""
+# The record's `previous` and `rotated_at` are written by the swap (ROTATE_REFRESH_TOKEN, below).
+# A grace of 0 gives no grace at all, whatever the clocks say.
+REFRESH_MINTED_AT = store.register_script(
+    """
+    local presented, now, grace = ARGV[1], ARGV[2], tonumber(ARGV[3])
+    if redis.call('TYPE', KEYS[1]).ok == 'string' then  -- an old record: no swap, no grace
+        return redis.call('GET', KEYS[1]) == presented and now
+    end
+    local jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
+    if jti == presented then return now end
+    if grace > 0 and previous == presented and tonumber(now) < tonumber(rotated_at) + grace then
+        return rotated_at
+    end
+    return false
+    """
+)
+
+
+async def refresh_minted_at(presented: TokenClaims, now: float) -> float | None:
+    args: list[str | int] = [presented.jti, repr(now), REFRESH_GRACE_SECONDS]
+    minted_at = await REFRESH_MINTED_AT(keys=[refresh_key(presented.sid)], args=args)
+    return None if minted_at is None else float(minted_at)
 
 
 # ~~~ end ~~~
 
 
-# Compare-and-set in one step, so two requests can never both rotate the same refresh token. Redis
-# runs a Lua script atomically: KEYS holds the keys it touches, ARGV its other arguments, as text
-# (both named on its first lines); redis.call() runs a command; a missing hash field reads as
-# false. It answers the moment to mint the successor pair at: now for a swap, the first swap's
-# moment for a retry (so the same pair comes out), or false. `peek`: answer, change nothing.
+# Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
+# runs a Lua script atomically. KEYS holds the keys it touches, ARGV its other arguments (as text),
+# redis.call() runs a command. The record also keeps the token swapped out, and when, for retries.
 ROTATE_REFRESH_TOKEN = store.register_script(
-    """
+    UPGRADE_OLD_RECORD  # just above
+    + """
     local record = KEYS[1]
-    local presented, successor, now, successor_exp, grace, peek = unpack(ARGV)
-    local jti, previous, rotated_at
-    if redis.call('TYPE', record).ok == 'string' then
-        jti = redis.call('GET', record)  -- an upgrade path, skip it: a record from before the grace
-    else
-        jti, previous, rotated_at = unpack(redis.call('HMGET', record, 'jti', 'previous', 'rotated_at'))
+    local presented, successor, now, successor_exp = unpack(ARGV)
+    if redis.call('HGET', record, 'jti') ~= presented then
+        return 0  -- used up, or the session is gone
     end
-    if jti == presented then  -- the valid one: swap it, and remember when
-        if peek == 'peek' then return now end
-        redis.call('DEL', record)
-        redis.call('HSET', record, 'jti', successor, 'previous', presented, 'rotated_at', now)
-        redis.call('EXPIREAT', record, successor_exp)
-        return now
-    end
-    grace = tonumber(grace)
-    if grace > 0 and previous == presented and tonumber(now) < tonumber(rotated_at) + grace then
-        return rotated_at  -- a retry within the grace: the same swap
-    end
-    return false  -- used up, or the session is gone
+    redis.call('HSET', record, 'jti', successor, 'previous', presented, 'rotated_at', now)
+    redis.call('EXPIREAT', record, successor_exp)
+    return 1
     """
 )
 
 
-async def rotate_refresh_token(
-    presented: TokenClaims, successor_jti: str, now: float, *, peek: bool = False
-) -> float | None:
-    """When `presented` was swapped for its successor: now, if it was the valid refresh token; the
-    swap's moment, for a retry within the grace; None if it is neither. `peek`: swap nothing."""
+async def rotate_refresh_token(presented: TokenClaims, successor_jti: str, now: float) -> bool:
+    """Swap `presented` for its successor, if it is its session's valid refresh token."""
     exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
     # repr(now): the exact float as text, so that a retry reads back the very same moment.
-    args: list[str | int] = [presented.jti, successor_jti, repr(now), exat, REFRESH_GRACE_SECONDS]
-    args.append("peek" if peek else "")
-    rotated_at = await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args)
-    return None if rotated_at is None else float(rotated_at)
+    args: list[str | int] = [presented.jti, successor_jti, repr(now), exat]
+    return bool(await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args))
 
 
 async def refresh_session(refresh_token: str) -> Token:
@@ -655,14 +674,16 @@ async def refresh_session(refresh_token: str) -> Token:
     if claims.sub not in USERS:  # deleted since: no new tokens
         raise refused_grant("Unknown user")
     jtis, now = successor_jtis(claims), time.time()
-    rotated_at = await rotate_refresh_token(claims, jtis[1], now)
-    if rotated_at is None:
+    minted_at: float | None = now
+    if not await rotate_refresh_token(claims, jtis[1], now):
+        minted_at = await refresh_minted_at(claims, now)  # a retry within the grace: the swap's moment
+    if minted_at is None:
         await revoke_session(claims.sid, now)  # section 4: blocks its tokens, deletes its record
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise refused_grant("Refresh token has been revoked")
-    token, _ = mint_token_pair(claims.sub, claims.sid, rotated_at, jtis)
-    token.expires_in -= max(0, int(now) - int(rotated_at))  # a retry's pair is that much older
+    token, _ = mint_token_pair(claims.sub, claims.sid, minted_at, jtis)
+    token.expires_in -= max(0, int(now) - int(minted_at))  # a retry's pair is that much older
     return token
 
 
@@ -709,9 +730,7 @@ async def revoke_session(session_id: str, now: float) -> None:
 
 
 async def is_revoked(claims: TokenClaims) -> bool:
-    if claims.type == "refresh":  # asked by /introspect and /is_token_revoked (Part 2)
-        # As a refresh would find it (section 3): the valid one, or a retry within the grace.
-        return await rotate_refresh_token(claims, "", time.time(), peek=True) is None
+    """Whether an access token is revoked, by its own jti or by its session's sid."""
     # ZMSCORE: the score of each member named, or None where it is not in the set.
     token_until, session_until = await store.zmscore(revoked_key(claims.sid), [claims.jti, claims.sid])
     return token_until is not None or session_until is not None
@@ -1584,6 +1603,13 @@ async def revoke_access_token(claims: TokenClaims) -> None:
         await durably(pipe)
 
 
+async def token_revoked(claims: TokenClaims) -> bool:
+    """is_revoked() (section 4) for either type: a refresh token, unless a refresh would take it."""
+    if claims.type == "refresh":
+        return await refresh_minted_at(claims, time.time()) is None
+    return await is_revoked(claims)
+
+
 @app.post(
     "/revoke",
     summary="Revoke a token you hold (RFC 7009)",
@@ -1623,7 +1649,7 @@ async def introspect(request: Request, body: PresentedToken) -> Introspection:
         claims = decode_token(body.token)
     except jwt.InvalidTokenError:
         return Introspection(active=False)
-    if claims.sub not in USERS or await is_revoked(claims):
+    if claims.sub not in USERS or await token_revoked(claims):
         return Introspection(active=False)
     token_type: Literal["Bearer"] | None = "Bearer" if claims.type == "access" else None
     claimed = claims.model_dump(include={"sub", "exp", "iat", "jti"})
@@ -1678,7 +1704,7 @@ async def is_token_revoked(
         raise bearer_error("Not a token issued by this service") from None
     if claims.exp <= time.time():
         return TokenStatus(revoked=False, expired=True)
-    return TokenStatus(revoked=await is_revoked(claims), expired=False)
+    return TokenStatus(revoked=await token_revoked(claims), expired=False)
 
 
 class EndpointLimit(BaseModel):

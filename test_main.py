@@ -1427,6 +1427,18 @@ def test_a_session_recorded_before_retries_had_grace_still_refreshes(client: Tes
     assert session_records(client)[key.encode()][b"previous"] == claims.jti.encode()
 
 
+def test_asking_about_a_session_recorded_before_retries_had_grace_changes_nothing(client: TestClient) -> None:
+    refresh_token = login(client)["refresh_token"]
+    claims = main.decode_token(refresh_token)
+    key = main.refresh_key(claims.sid)
+    client.portal.call(lambda: main.store.delete(key))
+    client.portal.call(lambda: main.store.set(key, claims.jti, exat=claims.exp))
+    status = client.get("/is_token_revoked", params={"token": refresh_token}).json()
+    assert status == {"revoked": False, "expired": False}
+    assert client.portal.call(main.store.get, key) == claims.jti.encode()  # asking changed nothing
+    assert client.portal.call(main.store.expiretime, key) == claims.exp
+
+
 def test_asking_about_a_refresh_token_does_not_use_it_up(
     client: TestClient, stopped_clock: FakeClock
 ) -> None:
