@@ -581,7 +581,7 @@ def refresh_key(session_id: str) -> str:
 
 
 async def start_session(refresh: TokenClaims) -> None:
-    # MULTI/EXEC: both or neither, so no record outlives its token. One key: a cluster allows it.
+    # transaction=True (MULTI/EXEC): both or neither, so that no record outlives its token.
     async with store.pipeline(transaction=True) as pipe:
         pipe.hset(refresh_key(refresh.sid), "jti", refresh.jti)
         pipe.expireat(refresh_key(refresh.sid), refresh.exp)  # gone when the token is
@@ -699,8 +699,8 @@ async def refresh_session(refresh_token: str) -> Token:
 # used: one ZMSCORE checks a token and its session at once (an entry for one token comes from
 # /revoke, in Part 2), and revoking again can only raise an end (ZADD GT). Memory is the same
 # (~120 bytes an entry). The price: Redis cannot expire a member, so a task deletes those whose
-# score has passed (section 5). There are REVOKED_SETS sets, chosen by sid, so that a cluster
-# spreads them over its nodes (changing the number strands entries).
+# score has passed (section 5). A session's entries go in one of REVOKED_SETS sets, chosen by its
+# sid (several, so that a Redis Cluster can spread them; changing the number strands entries).
 REVOKED_KEY_PREFIX = "revoked:"
 REVOKED_SETS = 16
 
@@ -717,16 +717,14 @@ REVOCATION_MARGIN = 60
 async def revoke_session(session_id: str, now: float) -> None:
     """Revoke every token of a login: its access tokens by sid, its refresh token by deletion
     (which also stops new ones being minted)."""
-    # A pipeline sends several commands in one round trip. transaction=False: no MULTI/EXEC, which
-    # a cluster refuses for keys in different slots, as these two are.
+    # A pipeline sends several commands in one round trip (transaction=False: as they come, no
+    # MULTI/EXEC, which a Redis Cluster refuses for keys on different nodes).
     async with store.pipeline(transaction=False) as pipe:
         # GT: revoking again (from a worker whose clock is behind, say) never shortens the entry.
         until = int(now) + ACCESS_TOKEN_LIFETIME + REVOCATION_MARGIN
         pipe.zadd(revoked_key(session_id), {session_id: until}, gt=True)
         pipe.delete(refresh_key(session_id))
-        # durably(): runs the pipeline and, under Sentinel (a primary with a replica that takes
-        # over if it fails), waits until the replica has the writes: a failover cannot lose them.
-        await durably(pipe)  # Part 2
+        await durably(pipe)  # Part 2: runs it, and waits for a replica to have the writes if any
 
 
 async def is_revoked(claims: TokenClaims) -> bool:
@@ -806,8 +804,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # cancel() interrupts the task's sleep or store call; `stopping` ends its loop even where a
-        # redis-py command turns the cancellation into a ConnectionError, which the loop catches.
+        # cancel() interrupts a sleep or a store call; `stopping` ends the loop even when redis-py
+        # turns that cancellation into a ConnectionError, which the loop catches and retries.
         stopping.set()
         cleanup.cancel()
         (outcome,) = await asyncio.gather(cleanup, return_exceptions=True)
@@ -992,7 +990,8 @@ app = FastAPI(
 # As SlowAPI's docs show. Its RateLimitExceeded becomes a 429 with Retry-After in Part 2, where
 # the app's other error handlers are.
 app.state.limiter = limiter
-app.router.route_class = PortalRoute  # lets SlowAPI's checks wait for Redis on the loop (section 6)
+# PortalRoute (fenced in section 6) runs the limited endpoints so that the storage can await Redis.
+app.router.route_class = PortalRoute
 
 
 # ~~~ Skip on a first read: request bodies, and what /docs shows of errors ~~~
@@ -1082,8 +1081,7 @@ async def token_grant(request: Request) -> PasswordGrant | RefreshGrant:
 
 
 def ip_and_username(request: Request) -> str:
-    """The login limit's key. No IP address contains "|", so no two (IP, username) pairs share a key
-    (with ":", 2001:db8::1 and username 5:jane would share one with 2001:db8::1:5 and jane)."""
+    """The login limit's key: no IP address contains "|", so no two (IP, username) pairs share one."""
     return f"{client_ip(request)}|{request.state.grant.username}"
 
 
@@ -1169,8 +1167,8 @@ async def login_succeeded(username: str, ip: str) -> None:
 # --- Endpoints: log in, refresh, log out ---
 
 
-# SlowAPI checks stacked limits from the innermost decorator out, and stops at the first one
-# exceeded: the per-IP limit goes first, so a client it refuses creates no key per username tried.
+# SlowAPI checks stacked limits from the decorator nearest the function upwards, and stops at the
+# first one exceeded: the per-IP limit first, so a client it refuses adds no key per username tried.
 # exempt_when: SlowAPI skips a limit for a request when this returns True.
 @app.post(
     "/token",
@@ -1237,6 +1235,7 @@ async def logout(claims: AccessClaims) -> MessageOut:
 PLAN_LIMITED = "plan-limited"
 
 
+# Both this and the endpoint ask for CurrentUser: FastAPI runs get_current_user() once a request.
 async def require_premium(user: CurrentUser) -> None:
     if user.plan is Plan.FREE:
         detail = f"This endpoint needs the premium or admin plan; yours is {user.plan.value}"
