@@ -590,10 +590,10 @@ async def start_session(refresh: TokenClaims) -> None:
 
 # ~~~ Skip on a first read: retries within the grace, and records from before it ~~~
 # successor_jtis(token): the jtis of the pair a refresh with `token` mints, the same on every retry.
-# refresh_minted_at(token, now): when a refresh with `token` would mint its pair, changing
-# nothing: now for the current token, the swap's moment for a retry within the grace, else None.
-# Both read a record written before retries had grace, the jti alone as a string: the swap starts
-# with UPGRADE_OLD_RECORD, which turns it into today's hash.
+# retry_minted_at(token, now): for a token swapped out under REFRESH_GRACE_SECONDS ago, the swap's
+# moment, to mint the same pair at; else None. Changes nothing. (is_live_refresh_token(), for
+# /introspect in Part 2, also counts the current token.) A record written before retries had
+# grace is the jti alone, as a string: the swap starts with UPGRADE_OLD_RECORD, which upgrades it.
 def keyed_id(text: str) -> str:
     """22 URL-safe characters, as secrets.token_urlsafe(16), that only SECRET_KEY's holder can derive."""
     digest = hmac.digest(SECRET_KEY.encode(), text.encode(), "sha256")
@@ -611,19 +611,21 @@ UPGRADE_OLD_RECORD = """
         local jti, ttl = redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])
         redis.call('DEL', KEYS[1])
         redis.call('HSET', KEYS[1], 'jti', jti)
-        if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+        if ttl >= 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
     end
 """
 # The record's `previous` and `rotated_at` are written by the swap (ROTATE_REFRESH_TOKEN, below).
-# A grace of 0 gives no grace at all, whatever the clocks say.
+# A grace of 0 gives no grace at all, whatever the clocks say. Only with `current` does the
+# current token itself answer `now`: after a failed swap it cannot be current, unless a failover
+# lost that swap, and then minting without one would fork the session.
 REFRESH_MINTED_AT = store.register_script(
     """
-    local presented, now, grace = ARGV[1], ARGV[2], tonumber(ARGV[3])
+    local presented, now, grace, current = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
     if redis.call('TYPE', KEYS[1]).ok == 'string' then  -- an old record: no swap, no grace
-        return redis.call('GET', KEYS[1]) == presented and now
+        return current == 'current' and redis.call('GET', KEYS[1]) == presented and now
     end
     local jti, previous, rotated_at = unpack(redis.call('HMGET', KEYS[1], 'jti', 'previous', 'rotated_at'))
-    if jti == presented then return now end
+    if current == 'current' and jti == presented then return now end
     if grace > 0 and previous == presented and tonumber(now) < tonumber(rotated_at) + grace then
         return rotated_at
     end
@@ -632,10 +634,20 @@ REFRESH_MINTED_AT = store.register_script(
 )
 
 
-async def refresh_minted_at(presented: TokenClaims, now: float) -> float | None:
-    args: list[str | int] = [presented.jti, repr(now), REFRESH_GRACE_SECONDS]
+async def refresh_minted_at(presented: TokenClaims, now: float, current: str) -> float | None:
+    args: list[str | int] = [presented.jti, repr(now), REFRESH_GRACE_SECONDS, current]
     minted_at = await REFRESH_MINTED_AT(keys=[refresh_key(presented.sid)], args=args)
-    return None if minted_at is None else float(minted_at)
+    # Only a moment, as text, is a yes; a script's `false` comes back as None (or False or 0 in a
+    # Redis told to speak RESP3 from Lua), which float() would take for the epoch.
+    return float(minted_at) if isinstance(minted_at, bytes) else None
+
+
+async def retry_minted_at(presented: TokenClaims, now: float) -> float | None:
+    return await refresh_minted_at(presented, now, "")
+
+
+async def is_live_refresh_token(presented: TokenClaims) -> bool:
+    return await refresh_minted_at(presented, time.time(), "current") is not None
 
 
 # ~~~ end ~~~
@@ -676,7 +688,7 @@ async def refresh_session(refresh_token: str) -> Token:
     jtis, now = successor_jtis(claims), time.time()
     minted_at: float | None = now
     if not await rotate_refresh_token(claims, jtis[1], now):
-        minted_at = await refresh_minted_at(claims, now)  # a retry within the grace: the swap's moment
+        minted_at = await retry_minted_at(claims, now)  # a retry within the grace: the swap's moment
     if minted_at is None:
         await revoke_session(claims.sid, now)  # section 4: blocks its tokens, deletes its record
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
@@ -1605,7 +1617,7 @@ async def revoke_access_token(claims: TokenClaims) -> None:
 async def token_revoked(claims: TokenClaims) -> bool:
     """is_revoked() (section 4) for either type: a refresh token, unless a refresh would take it."""
     if claims.type == "refresh":
-        return await refresh_minted_at(claims, time.time()) is None
+        return not await is_live_refresh_token(claims)
     return await is_revoked(claims)
 
 

@@ -1439,6 +1439,28 @@ def test_asking_about_a_session_recorded_before_retries_had_grace_changes_nothin
     assert client.portal.call(main.store.expiretime, key) == claims.exp
 
 
+def test_a_failed_swap_gets_no_pair_for_the_current_token(client: TestClient) -> None:
+    """After a failed swap only a retry gets a pair: were the token current again (a failover
+    that lost the swap), minting without a swap would fork the session."""
+    claims = main.decode_token(login(client)["refresh_token"])
+    assert client.portal.call(main.retry_minted_at, claims, time.time()) is None
+    assert client.portal.call(main.is_live_refresh_token, claims) is True
+
+
+@pytest.mark.parametrize("answer", [0, False, None])
+def test_a_grace_answer_that_is_not_a_moment_is_a_no(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, answer: object
+) -> None:
+    """What a Redis that speaks RESP3 from Lua returns for the script's `false`."""
+    claims = main.decode_token(login(client)["refresh_token"])
+
+    async def script_answering(**_: object) -> object:
+        return answer
+
+    monkeypatch.setattr(main, "REFRESH_MINTED_AT", script_answering)
+    assert client.portal.call(main.is_live_refresh_token, claims) is False
+
+
 def test_asking_about_a_refresh_token_does_not_use_it_up(
     client: TestClient, stopped_clock: FakeClock
 ) -> None:
