@@ -1,10 +1,10 @@
 """JWT login, refresh-token rotation, revocation on Redis and per-plan SlowAPI limits, in one file.
 
-First read (an hour or a little more, after FastAPI's tutorial): Part 1, the numbered sections, in
-story order: 1. log in, 2. access and refresh tokens, 3. rotation with reuse detection, 4. logout
-and revocation, 5. the cleanup task, 6. per-plan limits with SlowAPI, then the endpoints. Skip
-every block between `# ~~~ Skip on a first read` and `# ~~~ end` lines: its first lines say all
-the story needs of it. Part 2, at the end, is machinery only (standards, hardening, exact headers).
+First read (an hour to an hour and a half after FastAPI's tutorial): Part 1, the numbered
+sections, in story order: 1. log in, 2. access and refresh tokens, 3. rotation with reuse
+detection, 4. logout and revocation, 5. the cleanup task, 6. per-plan limits with SlowAPI, then the
+endpoints. Skip every block between `# ~~~ Skip on a first read` and `# ~~~ end` lines: its first
+lines say all the story needs of it. Part 2, at the end, is machinery (standards, hardening).
 Run it with `uvicorn main:app`: with REDIS_URI unset it keeps its state in an embedded fake Redis.
 """
 
@@ -391,7 +391,8 @@ def token_lifetime(token_type: TokenType) -> int:
 def create_token(
     username: str, token_type: TokenType, session_id: str, now: float, jti: str | None = None
 ) -> tuple[str, TokenClaims]:
-    """The tutorial's create_access_token(), for either type: the JWT and the claims it carries."""
+    """The tutorial's create_access_token(), for either type: the JWT and the claims it carries.
+    `now` is passed in: a retried refresh mints its pair at the first refresh's moment (section 3)."""
     claims = TokenClaims(
         sub=username,
         iat=int(now),
@@ -417,8 +418,10 @@ def mint_token_pair(
 
 # ~~~ Skip on a first read: verified_claims(), decode_token()'s signature check, cached ~~~
 # jwt.decode() with the algorithm pinned, less the expiry check (decode_token() makes it); it also
-# refuses claims this app does not write, and lifetimes longer than it issues. Cached: a client
-# sends the same token on every call (/users/me serves 0.44 of /health's rate with it, 0.35 without).
+# refuses claims this app does not write, and lifetimes longer than it issues. Cached.
+#
+# A client sends the same token on every call: with the cache, /users/me serves 0.44 of /health's
+# rate, 0.35 without.
 
 
 @functools.lru_cache(maxsize=4096)
@@ -447,7 +450,8 @@ MAX_TOKEN_CHARS = 2048  # ours are ~300
 
 
 def decode_token(token: str, *, allow_expired: bool = False) -> TokenClaims:
-    """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else."""
+    """The claims of a token this app signed; raises jwt.InvalidTokenError for anything else.
+    allow_expired: for /revoke and /is_token_revoked (Part 2), which answer for expired ones too."""
     # Ours are short ASCII: refuse anything else before it costs a decode (or a cache lookup, which
     # hashes the whole string). A header of a megabyte would otherwise take ~50 ms of the loop.
     if len(token) > MAX_TOKEN_CHARS or not token.isascii():
@@ -562,10 +566,11 @@ store = redis_client(settings.redis_uri) if settings.redis_uri else embedded_sto
 # --- 3. Refresh-token rotation with reuse detection ---
 
 # A refresh token lives for days, so a stolen one would be good for days. Rotation makes each one
-# work once: per session, the store keeps the jti of its one valid refresh token (a hash at
-# "refresh:<sid>", expiring with it), and a refresh swaps it for the successor's. A used-up token
-# presented again means two parties hold it (a thief and the owner, in some order): the app cannot
-# tell which is which, so it revokes the whole session, and the owner logs in again.
+# work once: per session, the store keeps the jti of its one valid refresh token (in a Redis hash,
+# a small dict under one key, "refresh:<sid>", expiring with it); a refresh swaps in the
+# successor's. A used-up token presented again means two parties hold it (a thief and the owner,
+# in some order): the app cannot tell which is which, so it revokes the whole session, and the
+# owner logs in again.
 #
 # Except just after the swap: a client whose response was lost, or two tabs refreshing at once,
 # send the same token a moment later. For REFRESH_GRACE_SECONDS, it gets the same pair again. The
@@ -581,7 +586,9 @@ def refresh_key(session_id: str) -> str:
 
 
 async def start_session(refresh: TokenClaims) -> None:
-    # transaction=True (MULTI/EXEC): both or neither, so that no record outlives its token.
+    # A pipeline sends several commands in one round trip; transaction=True wraps them in
+    # MULTI/EXEC: both or neither, so that no record outlives its token. (Not durably(), as
+    # revocations are, section 4: a record lost in a failover only logs its user out.)
     async with store.pipeline(transaction=True) as pipe:
         pipe.hset(refresh_key(refresh.sid), "jti", refresh.jti)
         pipe.expireat(refresh_key(refresh.sid), refresh.exp)  # gone when the token is
@@ -592,8 +599,8 @@ async def start_session(refresh: TokenClaims) -> None:
 # successor_jtis(token): the jtis of the pair a refresh with `token` mints, the same on every retry.
 # retry_minted_at(token, now): for a token swapped out under REFRESH_GRACE_SECONDS ago, the swap's
 # moment, to mint the same pair at; else None. Changes nothing. (is_live_refresh_token(), for
-# /introspect in Part 2, also counts the current token.) A record written before retries had
-# grace is the jti alone, as a string: the swap starts with UPGRADE_OLD_RECORD, which upgrades it.
+# /introspect in Part 2, also counts the current token.) Earlier versions of this app wrote the
+# record as the jti alone, a string: the swap starts with UPGRADE_OLD_RECORD, which upgrades it.
 def keyed_id(text: str) -> str:
     """22 URL-safe characters, as secrets.token_urlsafe(16), that only SECRET_KEY's holder can derive."""
     digest = hmac.digest(SECRET_KEY.encode(), text.encode(), "sha256")
@@ -654,8 +661,10 @@ async def is_live_refresh_token(presented: TokenClaims) -> bool:
 
 
 # Compare-and-set in one step, so two requests can never both rotate the same refresh token: Redis
-# runs a Lua script atomically. KEYS holds the keys it touches, ARGV its other arguments (as text),
-# redis.call() runs a command. The record also keeps the token swapped out, and when, for retries.
+# runs a Lua script atomically. KEYS holds the keys it touches, ARGV its other arguments (as text,
+# unpacked into locals); redis.call() runs a command; `~=` is "not equal", `--` starts a comment.
+# register_script() gives an object that runs the script when awaited. The record also keeps the
+# token swapped out, and when, for retries.
 ROTATE_REFRESH_TOKEN = store.register_script(
     UPGRADE_OLD_RECORD  # just above
     + """
@@ -706,14 +715,16 @@ async def refresh_session(refresh_token: str) -> Token:
 # deleting its refresh record stops new tokens (section 3), and its access tokens, whose ids the
 # server never stored, are blocked by their shared `sid` until the last of them has expired.
 #
-# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? A
-# sorted set scores each member, here with the epoch second after which nothing it blocks can be
-# used: one ZMSCORE checks a token and its session at once (an entry for one token comes from
-# /revoke, in Part 2), and revoking again can only raise an end (ZADD GT). Memory is the same
-# (~120 bytes an entry). The price: Redis cannot expire a member, so a task deletes those whose
-# score has passed (section 5). A session's entries go in one of REVOKED_SETS sets, chosen by its
-# sid (several, so that a Redis Cluster can spread them; changing the number strands entries).
+# Why sorted sets, not `SET revoked:<jti> 1 EX <ttl>`, which Redis would expire by itself? A sorted
+# set is a set whose members each carry a number, the score: here the epoch second after which
+# nothing the member blocks can be used. So:
+# - one ZMSCORE checks a token (its jti; /revoke in Part 2 adds those) and its session (its sid);
+# - revoking again can only raise an end (ZADD GT);
+# - memory is the same (~120 bytes an entry).
+# The price: Redis cannot expire a member, so a task deletes those whose score has passed (section 5).
 REVOKED_KEY_PREFIX = "revoked:"
+# Several sets, one chosen by sid, so that a Redis Cluster can spread them (changing the number
+# strands entries where they are no longer looked for).
 REVOKED_SETS = 16
 
 
@@ -729,8 +740,7 @@ REVOCATION_MARGIN = 60
 async def revoke_session(session_id: str, now: float) -> None:
     """Revoke every token of a login: its access tokens by sid, its refresh token by deletion
     (which also stops new ones being minted)."""
-    # A pipeline sends several commands in one round trip (transaction=False: as they come, no
-    # MULTI/EXEC, which a Redis Cluster refuses for keys on different nodes).
+    # transaction=False: no MULTI/EXEC, which a Redis Cluster refuses for keys on different nodes.
     async with store.pipeline(transaction=False) as pipe:
         # GT: revoking again (from a worker whose clock is behind, say) never shortens the entry.
         until = int(now) + ACCESS_TOKEN_LIFETIME + REVOCATION_MARGIN
@@ -785,7 +795,7 @@ async def remove_expired_revocations(now: float) -> int:
     # ZREMRANGEBYSCORE deletes the members whose scores fall in a range.
     async with store.pipeline(transaction=False) as pipe:
         for n in range(REVOKED_SETS):
-            pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")  # "(": below now
+            pipe.zremrangebyscore(f"{REVOKED_KEY_PREFIX}{n}", "-inf", f"({int(now)}")  # "(": strictly below
         return sum(await pipe.execute())
 
 
@@ -838,13 +848,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 # ~~~ Skip on a first read: the storage SlowAPI counts with, awaited on the event loop ~~~
 # Contract: SlowAPI counts as with storage_uri="redis://...", on the app's own Redis client,
-# without blocking the loop; a black box is enough on a first read. How: it runs `limits`' own
-# moving-window scripts through greenback.await_(), which pauses SlowAPI's synchronous code while
-# the loop awaits Redis. That needs a greenback "portal" (the endpoint's coroutine run inside a
-# greenlet, to which sync code can hand an awaitable): PortalRoute, the app's route class, opens
-# one around each endpoint SlowAPI limits. One thread, no blocking call. Each count's window comes
-# back in the same round trip, for the rate-limit headers. (`limits` finds this class by its
-# STORAGE_SCHEME, as it finds its own storages.)
+# without blocking the loop; a black box is enough on a first read.
+#
+# How: it runs `limits`' own moving-window scripts through greenback.await_(), which pauses
+# SlowAPI's synchronous code while the loop awaits Redis. That needs a greenback "portal" (the
+# endpoint's coroutine run inside a greenlet, to which sync code can hand an awaitable):
+# PortalRoute, the app's route class, opens one around each endpoint SlowAPI limits. One thread,
+# no blocking call. Each count's window comes back in the same round trip, for the rate-limit
+# headers. (`limits` finds this class by its STORAGE_SCHEME, as it finds its own storages.)
 COUNT_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_ACQUIRE_MOVING_WINDOW)
 WINDOW_SCRIPT = store.register_script(limits.storage.RedisStorage.SCRIPT_MOVING_WINDOW)
 LIMITS_KEY_PREFIX = "LIMITS:"  # what `limits`' own Redis storage puts before SlowAPI's keys
@@ -999,8 +1010,8 @@ app = FastAPI(
     summary="JWT login, per-plan rate limits with SlowAPI, and token revocation on Redis.",
     lifespan=lifespan,
 )
-# As SlowAPI's docs show. Its RateLimitExceeded becomes a 429 with Retry-After in Part 2, where
-# the app's other error handlers are.
+# As SlowAPI's docs show: its decorator finds the limiter here. Its RateLimitExceeded becomes a 429
+# with Retry-After in Part 2, where the app's other error handlers are.
 app.state.limiter = limiter
 # PortalRoute (fenced in section 6) runs the limited endpoints so that the storage can await Redis.
 app.router.route_class = PortalRoute
@@ -1181,7 +1192,7 @@ async def login_succeeded(username: str, ip: str) -> None:
 
 # SlowAPI checks stacked limits from the decorator nearest the function upwards, and stops at the
 # first one exceeded: the per-IP limit first, so a client it refuses adds no key per username tried.
-# exempt_when: SlowAPI skips a limit for a request when this returns True.
+# exempt_when: SlowAPI calls it with the request, and skips the limit when it returns True.
 @app.post(
     "/token",
     summary="Log in, or refresh: the OAuth2 token endpoint",
