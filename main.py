@@ -1,6 +1,6 @@
 """JWT login, refresh-token rotation, revocation on Redis and per-plan SlowAPI limits, in one file.
 
-First read (an hour to an hour and a half after FastAPI's tutorial): Part 1, the numbered
+First read (about an hour and a half after FastAPI's tutorial): Part 1, the numbered
 sections, in story order: 1. log in, 2. access and refresh tokens, 3. rotation with reuse
 detection, 4. logout and revocation, 5. the cleanup task, 6. per-plan limits with SlowAPI, then the
 endpoints. Skip every block between `# ~~~ Skip on a first read` and `# ~~~ end` lines: its first
@@ -507,10 +507,12 @@ def verify_token(
 # every worker sees, and so do the rate limits (section 6). With REDIS_URI unset that state lives
 # in fakeredis, a Redis inside this process: same commands, one process only.
 
-# ~~~ Skip on a first read: redis_client(), the client for a Redis, Sentinel or Cluster URI ~~~
-# It connects on first use. Every store error is one of STORE_ERRORS, which the app answers with a
-# 503 (Part 2): without the store no revocation can be checked, so the app fails closed. When all
-# of a worker's connections are busy, a request waits for one (up to 2 s).
+# ~~~ Skip on a first read: redis_client() and embedded_store(), the two kinds of store ~~~
+# redis_client(uri): the client for a Redis, Sentinel or Cluster URI; embedded_store(): fakeredis,
+# with the same client interface. Either connects on first use. Every store error is one of
+# STORE_ERRORS, which the app answers with a 503 (Part 2): without the store no revocation can be
+# checked, so the app fails closed. When all of a worker's connections are busy, a request waits
+# for one (up to 2 s).
 REDIS_OPTIONS: dict[str, Any] = {
     "socket_timeout": 2,
     "socket_connect_timeout": 2,
@@ -587,8 +589,7 @@ def refresh_key(session_id: str) -> str:
 
 async def start_session(refresh: TokenClaims) -> None:
     # A pipeline sends several commands in one round trip; transaction=True wraps them in
-    # MULTI/EXEC: both or neither, so that no record outlives its token. (Not durably(), as
-    # revocations are, section 4: a record lost in a failover only logs its user out.)
+    # MULTI/EXEC: both or neither, so that no record outlives its token.
     async with store.pipeline(transaction=True) as pipe:
         pipe.hset(refresh_key(refresh.sid), "jti", refresh.jti)
         pipe.expireat(refresh_key(refresh.sid), refresh.exp)  # gone when the token is
@@ -683,7 +684,8 @@ ROTATE_REFRESH_TOKEN = store.register_script(
 async def rotate_refresh_token(presented: TokenClaims, successor_jti: str, now: float) -> bool:
     """Swap `presented` for its successor, if it is its session's valid refresh token."""
     exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
-    # repr(now): the exact float as text, so that a retry reads back the very same moment.
+    # repr(now): the exact float as text. A retry mints at the moment it reads back, and only the
+    # same second gives the same iat, hence the same bytes; fewer digits could round up a second.
     args: list[str | int] = [presented.jti, successor_jti, repr(now), exat]
     return bool(await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args))
 
@@ -805,7 +807,9 @@ async def cleanup_revocations_forever(interval: float, stopping: asyncio.Event) 
         await asyncio.sleep(interval)
         try:
             removed = await remove_expired_revocations(time.time())
-        except STORE_ERRORS as exc:  # the store may be down for a while: try again next tick
+        except STORE_ERRORS as exc:
+            # The store may be down for a while: try again next tick. (A cancellation that reaches
+            # a store call can surface here as a ConnectionError: `stopping` then ends the loop.)
             logger.warning("revocation cleanup failed, retrying in %ss: %r", interval, exc)
             continue
         if removed:
@@ -826,9 +830,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # cancel() interrupts a sleep or a store call; `stopping` ends the loop even when redis-py
-        # turns that cancellation into a ConnectionError, which the loop catches and retries.
-        stopping.set()
+        stopping.set()  # as well as cancel(): a store call can swallow the cancellation (section 5)
         cleanup.cancel()
         (outcome,) = await asyncio.gather(cleanup, return_exceptions=True)
         if isinstance(outcome, Exception):  # it crashed, rather than being cancelled here
@@ -848,7 +850,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 # ~~~ Skip on a first read: the storage SlowAPI counts with, awaited on the event loop ~~~
 # Contract: SlowAPI counts as with storage_uri="redis://...", on the app's own Redis client,
-# without blocking the loop; a black box is enough on a first read.
+# without blocking the loop, in the endpoints that PortalRoute (the app's route class) runs. A
+# black box is enough on a first read.
 #
 # How: it runs `limits`' own moving-window scripts through greenback.await_(), which pauses
 # SlowAPI's synchronous code while the loop awaits Redis. That needs a greenback "portal" (the
@@ -1013,8 +1016,11 @@ app = FastAPI(
 # As SlowAPI's docs show: its decorator finds the limiter here. Its RateLimitExceeded becomes a 429
 # with Retry-After in Part 2, where the app's other error handlers are.
 app.state.limiter = limiter
-# PortalRoute (fenced in section 6) runs the limited endpoints so that the storage can await Redis.
+# PortalRoute (fenced in section 6) runs the limited endpoints so that SlowAPI's storage can await.
 app.router.route_class = PortalRoute
+
+
+# --- Endpoints: log in, refresh, log out ---
 
 
 # ~~~ Skip on a first read: request bodies, and what /docs shows of errors ~~~
@@ -1185,9 +1191,6 @@ async def login_succeeded(username: str, ip: str) -> None:
 
 
 # ~~~ end ~~~
-
-
-# --- Endpoints: log in, refresh, log out ---
 
 
 # SlowAPI checks stacked limits from the decorator nearest the function upwards, and stops at the
