@@ -642,8 +642,8 @@ REFRESH_MINTED_AT = store.register_script(
 )
 
 
-async def refresh_minted_at(presented: TokenClaims, now: float, current: str) -> float | None:
-    args: list[str | int] = [presented.jti, repr(now), REFRESH_GRACE_SECONDS, current]
+async def refresh_minted_at(presented: TokenClaims, now: float, *, current: bool) -> float | None:
+    args: list[str | int] = [presented.jti, repr(now), REFRESH_GRACE_SECONDS, "current" if current else ""]
     minted_at = await REFRESH_MINTED_AT(keys=[refresh_key(presented.sid)], args=args)
     # Only a moment, as text, is a yes; a script's `false` comes back as None (or False or 0 in a
     # Redis told to speak RESP3 from Lua), which float() would take for the epoch.
@@ -651,11 +651,11 @@ async def refresh_minted_at(presented: TokenClaims, now: float, current: str) ->
 
 
 async def retry_minted_at(presented: TokenClaims, now: float) -> float | None:
-    return await refresh_minted_at(presented, now, "")
+    return await refresh_minted_at(presented, now, current=False)
 
 
 async def is_live_refresh_token(presented: TokenClaims) -> bool:
-    return await refresh_minted_at(presented, time.time(), "current") is not None
+    return await refresh_minted_at(presented, time.time(), current=True) is not None
 
 
 # ~~~ end ~~~
@@ -681,12 +681,11 @@ ROTATE_REFRESH_TOKEN = store.register_script(
 )
 
 
-async def rotate_refresh_token(presented: TokenClaims, successor_jti: str, now: float) -> bool:
-    """Swap `presented` for its successor, if it is its session's valid refresh token."""
-    exat = int(now) + REFRESH_TOKEN_LIFETIME  # the successor's exp
+async def rotate_refresh_token(presented: TokenClaims, successor: TokenClaims, now: float) -> bool:
+    """Make `successor` (minted at `now`) its session's valid refresh token, if `presented` still is."""
     # repr(now): the exact float as text. A retry mints at the moment it reads back, and only the
     # same second gives the same iat, hence the same bytes; fewer digits could round up a second.
-    args: list[str | int] = [presented.jti, successor_jti, repr(now), exat]
+    args: list[str | int] = [presented.jti, successor.jti, repr(now), successor.exp]
     return bool(await ROTATE_REFRESH_TOKEN(keys=[refresh_key(presented.sid)], args=args))
 
 
@@ -697,16 +696,17 @@ async def refresh_session(refresh_token: str) -> Token:
     if claims.sub not in USERS:  # deleted since: no new tokens
         raise refused_grant("Unknown user")
     jtis, now = successor_jtis(claims), time.time()
-    minted_at: float | None = now
-    if not await rotate_refresh_token(claims, jtis[1], now):
-        minted_at = await retry_minted_at(claims, now)  # a retry within the grace: the swap's moment
-    if minted_at is None:
+    token, successor = mint_token_pair(claims.sub, claims.sid, now, jtis)
+    if await rotate_refresh_token(claims, successor, now):
+        return token
+    swapped_at = await retry_minted_at(claims, now)  # a retry within the grace: the swap's moment
+    if swapped_at is None:
         await revoke_session(claims.sid, now)  # section 4: blocks its tokens, deletes its record
         # Either reuse of a rotated token (theft, or a client bug) or a session already revoked.
         client_log.warning("stale refresh token, session revoked: sub=%s sid=%s", claims.sub, claims.sid)
         raise refused_grant("Refresh token has been revoked")
-    token, _ = mint_token_pair(claims.sub, claims.sid, minted_at, jtis)
-    token.expires_in -= max(0, int(now) - int(minted_at))  # a retry's pair is that much older
+    token, _ = mint_token_pair(claims.sub, claims.sid, swapped_at, jtis)  # what the first refresh got
+    token.expires_in -= max(0, int(now) - int(swapped_at))  # that pair is that much older
     return token
 
 
@@ -1119,6 +1119,12 @@ def is_refresh_grant(request: Request) -> bool:
     return isinstance(request.state.grant, RefreshGrant)
 
 
+def logged_name(username: str) -> str:
+    """How the logs name a username a client sent: only a known one, as an unknown one may be a
+    password typed into the wrong field; repr() escapes what it holds (a newline, say)."""
+    return f"username {username!r}" if username in USERS else "an unknown username"
+
+
 # ~~~ Skip on a first read: per-username backoff, against guessing from many addresses ~~~
 # refuse_during_backoff() answers 429 with Retry-After while a username must wait, and otherwise
 # counts the attempt as failed until login_succeeded() clears the count. Past LOGIN_BACKOFF_AFTER
@@ -1167,8 +1173,9 @@ async def refuse_during_backoff(username: str, ip: str) -> None:
     wait_until = float(await BEGIN_LOGIN(keys=login_keys(username, ip), args=args))
     if wait_until > now:
         retry_after = str(math.ceil(wait_until - now))  # allowed at wait_until itself: never early
-        known = f"username {username!r}" if username in USERS else "an unknown username"
-        client_log.warning("login refused during a backoff of %s s for %s", retry_after, known)
+        client_log.warning(
+            "login refused during a backoff of %s s for %s", retry_after, logged_name(username)
+        )
         detail = "Too many failed logins for this username; try again later"
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers={"Retry-After": retry_after})
 
@@ -1217,9 +1224,7 @@ async def login_for_access_token(
     await refuse_during_backoff(grant.username, ip)  # just above
     user = await authenticate_user(grant.username, grant.password)
     if user is None:
-        # Only a known name: an unknown one may be a password typed into the wrong field.
-        known = f"username {grant.username!r}" if grant.username in USERS else "an unknown username"
-        client_log.warning("failed login for %s", known)
+        client_log.warning("failed login for %s", logged_name(grant.username))
         raise refused_grant("Incorrect username or password")  # not the tutorial's 401: see refused_grant()
     await login_succeeded(user.username, ip)
     session_id = secrets.token_urlsafe(16)  # a new login, a new session: its `sid`
